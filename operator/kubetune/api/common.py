@@ -1,0 +1,97 @@
+"""Building blocks shared by every kubetune resource model.
+
+Every section model forbids unknown keys (as NeMo Customizer does) and is strict about
+types: the API server stores JSON, so `"5"` for an integer is a user error, not something
+to coerce silently. Reference strings get a validator with a readable message instead of a
+bare regular expression, and an explicit JSON schema so the CRD carries the same pattern.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, WithJsonSchema
+
+API_GROUP = "kubetune.io"
+API_VERSION = "v1alpha1"
+GROUP_VERSION = f"{API_GROUP}/{API_VERSION}"
+
+DNS_LABEL_PATTERN = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"
+_LABEL = r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?"
+REFERENCE_PATTERN = rf"^({_LABEL}/)?{_LABEL}$"
+GPU_LIST_PATTERN = r"^[0-9]+(,[0-9]+)*$"
+
+# Bounds that keep the API server's CEL cost estimate low (DESIGN.md: give strings a
+# maxLength and lists a maxItems) and that no real job comes near.
+MAX_NAME_LENGTH = 63
+MAX_REFERENCE_LENGTH = 127
+MAX_TEXT_LENGTH = 4096
+MAX_LIST_ITEMS = 64
+
+
+class Section(BaseModel):
+    """Base of every spec section: unknown keys are errors, types are strict."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, validate_default=False)
+
+
+def _check_dns_label(value: str) -> str:
+    if not re.fullmatch(DNS_LABEL_PATTERN, value):
+        raise ValueError(
+            f"{value!r} is not a valid name: use at most 63 lowercase letters, digits and '-', "
+            "starting and ending with a letter or digit"
+        )
+    return value
+
+
+def _check_reference(value: str) -> str:
+    parts = value.split("/")
+    if len(parts) > 2 or not all(re.fullmatch(_LABEL, part) for part in parts):
+        raise ValueError(
+            f"{value!r} is not a valid reference: write `name` or `workspace/name`, where each part "
+            "is a DNS label (lowercase letters, digits and '-', at most 63 characters)"
+        )
+    return value
+
+
+def _check_gpu_list(value: str) -> str:
+    if not re.fullmatch(GPU_LIST_PATTERN, value):
+        raise ValueError(f"{value!r} is not a GPU list: write comma-separated GPU indices such as \"0\" or \"0,1\"")
+    indices = value.split(",")
+    if len(set(indices)) != len(indices):
+        raise ValueError(f"{value!r} names a GPU twice: list each GPU index once")
+    return value
+
+
+DnsLabel = Annotated[
+    str,
+    AfterValidator(_check_dns_label),
+    WithJsonSchema({"type": "string", "pattern": DNS_LABEL_PATTERN, "maxLength": MAX_NAME_LENGTH}),
+]
+"""A Kubernetes object name that is also a DNS label (RFC 1123)."""
+
+Reference = Annotated[
+    str,
+    AfterValidator(_check_reference),
+    WithJsonSchema({"type": "string", "pattern": REFERENCE_PATTERN, "maxLength": MAX_REFERENCE_LENGTH}),
+]
+"""A reference to a Model or FileSet: `name` (same namespace) or `workspace/name`."""
+
+GpuList = Annotated[
+    str,
+    AfterValidator(_check_gpu_list),
+    WithJsonSchema({"type": "string", "pattern": GPU_LIST_PATTERN, "maxLength": MAX_NAME_LENGTH}),
+]
+"""Comma-separated GPU indices for CUDA_VISIBLE_DEVICES."""
+
+
+def split_reference(reference: str, default_namespace: str) -> tuple[str, str]:
+    """Return (namespace, name) of a reference; `name` alone means the job's namespace."""
+    namespace, _, name = reference.rpartition("/")
+    return (namespace or default_namespace), name
+
+
+def json_number(value: Any) -> bool:
+    """True for JSON numbers (bool is not a number here, though Python says it is an int)."""
+    return isinstance(value, int | float) and not isinstance(value, bool)

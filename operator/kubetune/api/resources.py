@@ -1,0 +1,233 @@
+"""The three custom resources: CustomizationJob, Model and FileSet (spec and status).
+
+The backend sections keep NeMo Customizer's snake_case names; everything Kubernetes-side
+(scheduling, storage, status) is camelCase, as Kubernetes users expect.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+from kubetune.api.automodel import AutomodelSpec
+from kubetune.api.common import (
+    MAX_LIST_ITEMS,
+    MAX_NAME_LENGTH,
+    MAX_TEXT_LENGTH,
+    DnsLabel,
+    Reference,
+    Section,
+)
+from kubetune.api.unsloth import UnslothSpec
+
+Backend = Literal["automodel", "unsloth"]
+BACKENDS: tuple[Backend, ...] = ("automodel", "unsloth")
+Phase = Literal["Created", "Pending", "Running", "Completed", "Failed", "Cancelled", "Suspended"]
+TERMINAL_PHASES: tuple[Phase, ...] = ("Completed", "Failed", "Cancelled")
+
+Path = Annotated[str, StringConstraints(min_length=1, max_length=MAX_TEXT_LENGTH)]
+ShortString = Annotated[str, StringConstraints(max_length=253)]
+Quantity = Annotated[
+    str,
+    StringConstraints(pattern=r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|k|M|G|T|P)?$", max_length=MAX_NAME_LENGTH),
+]
+
+
+# --------------------------------------------------------------------------- sources
+
+
+class PvcSource(Section):
+    claimName: DnsLabel = Field(description="PersistentVolumeClaim holding the files, in the object's namespace.")
+    path: Path = Field("/", description="Folder (or file) inside the claim.")
+
+
+class HostPathSource(Section):
+    path: Path = Field(description="Absolute path on the node (or, under `kubetune run`, on this machine).")
+
+
+class Source(Section):
+    """Where the files are: exactly one of `pvc`, `hostPath`, `uri`."""
+
+    pvc: PvcSource | None = Field(None, description="Files on a PersistentVolumeClaim.")
+    hostPath: HostPathSource | None = Field(None, description="Files on the node's filesystem.")
+    uri: Annotated[str, StringConstraints(pattern=r"^hf://[^/\s]+/[^/\s]+$", max_length=MAX_TEXT_LENGTH)] | None = (
+        Field(None, description="A hub URI `hf://org/name`, downloaded when the network allows it.")
+    )
+
+
+# --------------------------------------------------------------------------- Model / FileSet
+
+
+class Adapter(Section):
+    baseModel: Reference = Field(description="The full-weight Model this LoRA adapter applies to.")
+
+
+class ModelSpec(Section):
+    source: Source = Field(description="Where the weights (or adapter) are stored.")
+    tokenizer: ShortString | None = Field(
+        None,
+        description="Tokenizer identity: Models with the same value share tokenizer and vocabulary.",
+    )
+    numParameters: int | None = Field(None, gt=0, description="Number of parameters (for memory planning).")
+    numExperts: int | None = Field(None, ge=0, description="Number of experts of an MoE model; 0 for dense.")
+    adapter: Adapter | None = Field(
+        None, description="Present when this Model is a LoRA adapter; absent for full weights."
+    )
+    sharedWith: list[DnsLabel] | None = Field(
+        None, max_length=MAX_LIST_ITEMS, description="Namespaces whose jobs may use this Model."
+    )
+
+
+class FileSetSpec(Section):
+    source: Source = Field(description="Where the files are stored.")
+    sharedWith: list[DnsLabel] | None = Field(
+        None, max_length=MAX_LIST_ITEMS, description="Namespaces whose jobs may use this FileSet."
+    )
+
+
+# --------------------------------------------------------------------------- CustomizationJob spec
+
+
+class Toleration(Section):
+    key: ShortString | None = Field(None, description="Taint key the toleration applies to.")
+    operator: Literal["Exists", "Equal"] | None = Field(None, description="`Exists` or `Equal` (default).")
+    value: ShortString | None = Field(None, description="Taint value to match.")
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
+        None, description="Taint effect to match; empty matches all effects."
+    )
+    tolerationSeconds: int | None = Field(None, description="How long a NoExecute taint is tolerated.")
+
+
+class Scheduling(Section):
+    nodeSelector: dict[str, ShortString] | None = Field(
+        None, max_length=MAX_LIST_ITEMS, description="Node labels the training pods must match."
+    )
+    tolerations: list[Toleration] | None = Field(
+        None, max_length=MAX_LIST_ITEMS, description="Tolerations for the training pods."
+    )
+    priorityClassName: DnsLabel | None = Field(None, description="PriorityClass of the training pods.")
+    queueName: DnsLabel | None = Field(
+        None, description="Kueue LocalQueue; sets the `kueue.x-k8s.io/queue-name` label on the children."
+    )
+
+
+class Storage(Section):
+    claimName: DnsLabel | None = Field(
+        None,
+        description="Existing PersistentVolumeClaim for checkpoints and the result; the job writes under "
+        "a folder named after itself. Without it the operator creates a claim of `size`.",
+    )
+    size: Quantity = Field("100Gi", description="Size of the claim the operator creates.")
+    storageClassName: DnsLabel | None = Field(None, description="StorageClass of the claim the operator creates.")
+
+
+class CustomizationJobSpec(Section):
+    automodel: AutomodelSpec | None = Field(None, description="An Automodel job (multi-GPU, SFT or distillation).")
+    unsloth: UnslothSpec | None = Field(None, description="An Unsloth job (single GPU, quantized LoRA).")
+    suspend: bool = Field(False, description="Suspend the training (true) or resume it (false).")
+    scheduling: Scheduling | None = Field(None, description="Where and with which priority the pods run.")
+    storage: Storage | None = Field(None, description="Volume for checkpoints and the result.")
+
+    @property
+    def backend(self) -> Backend | None:
+        """The backend whose section is present, when exactly one is."""
+        present = [name for name in BACKENDS if getattr(self, name) is not None]
+        return present[0] if len(present) == 1 else None
+
+
+# --------------------------------------------------------------------------- status
+
+
+class StatusModel(BaseModel):
+    """Status is written by the operator: lenient about extra keys (kopf keeps its own there)."""
+
+    model_config = ConfigDict(extra="allow")
+
+
+class Condition(StatusModel):
+    type: str = Field(max_length=MAX_NAME_LENGTH, description="Validated, ReferencesResolved, Launched, ...")
+    status: Literal["True", "False", "Unknown"] = Field(description="Whether the condition holds.")
+    reason: str | None = Field(None, max_length=MAX_NAME_LENGTH * 2, description="CamelCase reason.")
+    message: str | None = Field(None, max_length=MAX_TEXT_LENGTH * 8, description="What happened and what to do.")
+    lastTransitionTime: str | None = Field(None, max_length=64, description="When the status last changed.")
+
+
+class LayoutStatus(StatusModel):
+    totalGpus: int
+    worldSize: int
+    dataParallelSize: int
+    tensorParallelSize: int
+    pipelineParallelSize: int
+    contextParallelSize: int
+    expertParallelSize: int
+    gradientAccumulationSteps: int
+
+
+class ProgressStatus(StatusModel):
+    step: int | None = None
+    maxSteps: int | None = None
+    epoch: float | None = None
+    numEpochs: int | None = None
+    percentageDone: float | None = None
+    trainLoss: float | None = None
+    valLoss: float | None = None
+    trainLr: float | None = None
+    tokensPerSecond: float | None = None
+    etaSeconds: float | None = None
+    checkpointPath: str | None = Field(None, max_length=MAX_TEXT_LENGTH)
+    updatedAt: str | None = Field(None, max_length=64)
+
+
+class OutputStatus(StatusModel):
+    name: str = Field(max_length=MAX_NAME_LENGTH)
+    type: Literal["adapter", "model"]
+    path: str | None = Field(None, max_length=MAX_TEXT_LENGTH)
+
+
+class CustomizationJobStatus(StatusModel):
+    phase: Phase | None = Field(None, description="Created, Pending, Running, Completed, Failed, Cancelled, Suspended.")
+    backend: Backend | None = Field(None, description="The backend the job runs on.")
+    observedGeneration: int | None = None
+    conditions: list[Condition] | None = Field(None, max_length=32)
+    layout: LayoutStatus | None = None
+    progress: ProgressStatus | None = None
+    output: OutputStatus | None = None
+
+
+class ResourceStatus(StatusModel):
+    """Status of a Model or FileSet: whether its source is usable."""
+
+    phase: Literal["Ready", "Pending", "Failed"] | None = None
+    message: str | None = Field(None, max_length=MAX_TEXT_LENGTH)
+
+
+class ObjectMeta(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    name: str = "job"
+    namespace: str = "default"
+
+
+class _Resource(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    apiVersion: str
+    kind: str
+    metadata: ObjectMeta = Field(default_factory=ObjectMeta)
+
+
+class CustomizationJob(_Resource):
+    kind: Literal["CustomizationJob"] = "CustomizationJob"
+    spec: CustomizationJobSpec
+    status: CustomizationJobStatus | None = None
+
+
+class Model(_Resource):
+    kind: Literal["Model"] = "Model"
+    spec: ModelSpec
+    status: ResourceStatus | None = None
+
+
+class FileSet(_Resource):
+    kind: Literal["FileSet"] = "FileSet"
+    spec: FileSetSpec
+    status: ResourceStatus | None = None

@@ -1,0 +1,64 @@
+"""The `kubetune` command line: validate, schema, crds (and more as they land)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from kubetune.api.automodel import AutomodelSpec
+from kubetune.api.unsloth import UnslothSpec
+from kubetune.cli.documents import DocumentError, load_files
+from kubetune.cli.validate import EXIT_USAGE, run_validate
+from kubetune.render.crds import crd_file_name, custom_resource_definitions, openapi_schema, to_yaml
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kubetune", description="Fine-tune LLMs on Kubernetes with NeMo Customizer's job format."
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    validate = commands.add_parser("validate", help="check CustomizationJobs (and their Models/FileSets)")
+    validate.add_argument("files", nargs="+", metavar="FILE", help="multi-document YAML files")
+    validate.add_argument("-o", "--output", choices=["text", "json"], default="text", help="output format")
+
+    schema = commands.add_parser("schema", help="print the live JSON schema of a backend section")
+    schema.add_argument("backend", choices=["automodel", "unsloth"])
+    schema.add_argument("--openapi", action="store_true", help="the structural OpenAPI form used in the CRD")
+
+    crds = commands.add_parser("crds", help="print the CustomResourceDefinitions as YAML")
+    crds.add_argument("--out-dir", type=Path, help="write one file per CRD into this folder instead")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "validate":
+            return run_validate(load_files(args.files), args.output, sys.stdout)
+        if args.command == "schema":
+            model = AutomodelSpec if args.backend == "automodel" else UnslothSpec
+            schema = openapi_schema(model) if args.openapi else model.model_json_schema()
+            print(json.dumps(schema, indent=2))
+            return 0
+        if args.command == "crds":
+            definitions = custom_resource_definitions()
+            if args.out_dir is None:
+                sys.stdout.write(to_yaml(definitions))
+                return 0
+            args.out_dir.mkdir(parents=True, exist_ok=True)
+            for definition in definitions:
+                (args.out_dir / crd_file_name(definition)).write_text(to_yaml([definition]), encoding="utf-8")
+            return 0
+    except DocumentError as error:
+        print(f"kubetune: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except BrokenPipeError:
+        return 0
+    raise AssertionError(f"unhandled command {args.command}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,123 @@
+"""The resolved job: the one contract between the operator (or `kubetune run`) and the trainer.
+
+It is the validated backend section with every default filled in, the layout, and each
+reference replaced by a local path. In a cluster the paths are mount points inside the
+trainer pod; under `kubetune run` they are folders on this machine. The trainer cannot
+tell the difference, and reads nothing else.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from kubetune.api.automodel import LORA_FINETUNING_TYPES, AutomodelSpec
+from kubetune.api.common import GROUP_VERSION
+from kubetune.api.resources import Backend
+from kubetune.api.unsloth import UnslothSpec
+
+OutputType = Literal["adapter", "model"]
+
+MOUNT_MODEL = "/models/base"
+MOUNT_TEACHER = "/models/teacher"
+MOUNT_TRAINING = "/data/training"
+MOUNT_VALIDATION = "/data/validation"
+MOUNT_OUTPUT = "/output"
+MOUNT_CONFIG = "/etc/kubetune/job.json"
+
+
+class _Contract(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class JobIdentity(_Contract):
+    name: str
+    namespace: str = "default"
+    uid: str | None = None
+
+
+class ResolvedPaths(_Contract):
+    model: str = Field(description="Folder with the base model (HF layout) or an hf:// URI.")
+    teacher_model: str | None = Field(None, description="Folder with the teacher (distillation only).")
+    training: str = Field(description="A data file, or a folder of them (training/ subfolder or the root).")
+    validation: str | None = Field(None, description="Validation data; null = hold out 10% of training.")
+    output: str = Field(description="Writable folder: checkpoints/ and the result.")
+
+
+class LayoutContract(_Contract):
+    total_gpus: int
+    world_size: int
+    data_parallel_size: int
+    tensor_parallel_size: int
+    pipeline_parallel_size: int
+    context_parallel_size: int
+    expert_parallel_size: int
+    gradient_accumulation_steps: int
+
+
+class ResolvedOutput(_Contract):
+    name: str
+    type: OutputType
+    description: str | None = None
+
+
+class ResolvedJob(_Contract):
+    apiVersion: Literal["kubetune.io/v1alpha1"] = GROUP_VERSION  # type: ignore[assignment]
+    kind: Literal["ResolvedJob"] = "ResolvedJob"
+    job: JobIdentity
+    backend: Backend
+    automodel: AutomodelSpec | None = None
+    unsloth: UnslothSpec | None = None
+    layout: LayoutContract
+    paths: ResolvedPaths
+    output: ResolvedOutput
+    base_model: str = Field(description="The base Model reference as written (recorded in the output).")
+
+    @property
+    def section(self) -> AutomodelSpec | UnslothSpec:
+        section = self.automodel if self.backend == "automodel" else self.unsloth
+        assert section is not None, "a resolved job always holds its backend's section"
+        return section
+
+
+def output_type(section: AutomodelSpec | UnslothSpec) -> OutputType:
+    """`adapter` for a plain LoRA result; `model` for merged or full weights (NeMo's rule)."""
+    if isinstance(section, AutomodelSpec):
+        training = section.training
+        merged = training.finetuning_type == "lora_merged" or (training.lora is not None and training.lora.merge)
+        return "adapter" if training.finetuning_type in LORA_FINETUNING_TYPES and not merged else "model"
+    if section.training.finetuning_type == "lora" and section.output.save_method == "lora":
+        return "adapter"
+    return "model"
+
+
+def output_name(section: AutomodelSpec | UnslothSpec, job_name: str) -> str:
+    """The output Model's name: the one the job gives, else `<job>-output` (a valid DNS label)."""
+    given = section.output.name if section.output is not None else None
+    return given or f"{job_name[:56].rstrip('-')}-output"
+
+
+def base_model_reference(section: AutomodelSpec | UnslothSpec) -> str:
+    return section.model if isinstance(section, AutomodelSpec) else section.model.name
+
+
+def resolve(
+    section: AutomodelSpec | UnslothSpec,
+    layout: dict[str, int],
+    job: JobIdentity,
+    paths: ResolvedPaths,
+) -> ResolvedJob:
+    """Build the trainer's config from a validated section, its layout and the local paths."""
+    backend: Backend = "automodel" if isinstance(section, AutomodelSpec) else "unsloth"
+    description = section.output.description if section.output is not None else None
+    return ResolvedJob(
+        job=job,
+        backend=backend,
+        automodel=section if isinstance(section, AutomodelSpec) else None,
+        unsloth=section if isinstance(section, UnslothSpec) else None,
+        layout=LayoutContract(**layout),
+        paths=paths,
+        output=ResolvedOutput(name=output_name(section, job.name), type=output_type(section), description=description),
+        base_model=base_model_reference(section),
+    )

@@ -41,7 +41,9 @@ class AutomodelDataset(Section):
 
 
 class AutomodelLora(Section):
-    rank: int = Field(16, gt=0, le=4096, description="LoRA rank (low-rank dimension). Higher = more capacity and memory.")
+    rank: int = Field(
+        16, gt=0, le=4096, description="LoRA rank (low-rank dimension). Higher = more capacity and memory."
+    )
     alpha: int = Field(32, gt=0, le=65536, description="LoRA scaling factor.")
     merge: bool = Field(False, description="Merge the adapter into the base model at the end of training.")
     target_modules: list[ModulePattern] | None = Field(
@@ -135,7 +137,10 @@ class AutomodelParallelism(Section):
         1, gt=0, le=4096, description="GPUs for context parallelism (for very long sequences)."
     )
     expert_parallel_size: int | None = Field(
-        None, gt=0, le=4096, description="Expert parallelism for MoE models; must divide the number of experts."
+        None,
+        gt=0,
+        le=4096,
+        description="Expert parallelism for MoE models; must divide the number of experts.",
     )
 
 

@@ -9,6 +9,7 @@ bare regular expression, and an explicit JSON schema so the CRD carries the same
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, WithJsonSchema
@@ -57,7 +58,7 @@ def _check_reference(value: str) -> str:
 
 def _check_gpu_list(value: str) -> str:
     if not re.fullmatch(GPU_LIST_PATTERN, value):
-        raise ValueError(f"{value!r} is not a GPU list: write comma-separated GPU indices such as \"0\" or \"0,1\"")
+        raise ValueError(f'{value!r} is not a GPU list: write comma-separated GPU indices such as "0" or "0,1"')
     indices = value.split(",")
     if len(set(indices)) != len(indices):
         raise ValueError(f"{value!r} names a GPU twice: list each GPU index once")
@@ -92,6 +93,10 @@ def split_reference(reference: str, default_namespace: str) -> tuple[str, str]:
     return (namespace or default_namespace), name
 
 
-def json_number(value: Any) -> bool:
-    """True for JSON numbers (bool is not a number here, though Python says it is an int)."""
-    return isinstance(value, int | float) and not isinstance(value, bool)
+def manifest_identity(manifest: Mapping[str, Any]) -> tuple[str, str]:
+    """(name, namespace) of a manifest, tolerating a missing or malformed metadata block."""
+    metadata = manifest.get("metadata")
+    if not isinstance(metadata, Mapping):
+        return "", "default"
+    name, namespace = metadata.get("name"), metadata.get("namespace")
+    return (name if isinstance(name, str) else ""), (namespace if isinstance(namespace, str) else "default")

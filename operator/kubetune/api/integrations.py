@@ -14,14 +14,13 @@ from kubetune.api.common import MAX_LIST_ITEMS, MAX_NAME_LENGTH, MAX_TEXT_LENGTH
 
 Tag = Annotated[str, StringConstraints(max_length=256)]
 
+
 class WandbIntegration(Section):
     project: str | None = Field(
         None, max_length=MAX_NAME_LENGTH * 2, description="W&B project; defaults to output.name."
     )
     entity: str | None = Field(None, max_length=MAX_NAME_LENGTH * 2, description="W&B team or user.")
-    tags: list[Tag] | None = Field(
-        None, max_length=MAX_LIST_ITEMS, description="Tags attached to the W&B run."
-    )
+    tags: list[Tag] | None = Field(None, max_length=MAX_LIST_ITEMS, description="Tags attached to the W&B run.")
     api_key_secret: DnsLabel | None = Field(
         None,
         description="Name of a Secret in the job's namespace whose `WANDB_API_KEY` key holds the API key.",
@@ -43,9 +42,7 @@ class MlflowIntegration(Section):
         description="MLflow tracking server; can also come from the MLFLOW_TRACKING_URI environment variable.",
     )
     name: str | None = Field(None, max_length=MAX_NAME_LENGTH * 2, description="Run name; defaults to the job name.")
-    tags: dict[str, Tag] | None = Field(
-        None, max_length=MAX_LIST_ITEMS, description="Tags attached to the MLflow run."
-    )
+    tags: dict[str, Tag] | None = Field(None, max_length=MAX_LIST_ITEMS, description="Tags attached to the MLflow run.")
     description: str | None = Field(None, max_length=MAX_TEXT_LENGTH, description="Run description.")
 
 

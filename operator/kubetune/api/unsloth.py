@@ -21,8 +21,10 @@ LoraBias = Literal["none", "all", "lora_only"]
 
 
 def _check_gradient_checkpointing(value: object) -> Literal["unsloth"] | bool:
-    if value == "unsloth" or isinstance(value, bool):
-        return value  # type: ignore[return-value]
+    if isinstance(value, bool):
+        return value
+    if value == "unsloth":
+        return "unsloth"
     raise ValueError(f"must be `unsloth`, true or false; got {value!r}")
 
 
@@ -53,9 +55,7 @@ class UnslothModel(Section):
 
 class UnslothDataset(Section):
     path: Reference = Field(description="Training FileSet reference (`name` or `workspace/name`).")
-    text_field: str = Field(
-        "text", min_length=1, max_length=256, description="Row field consumed by the trainer."
-    )
+    text_field: str = Field("text", min_length=1, max_length=256, description="Row field consumed by the trainer.")
     apply_chat_template: bool = Field(
         False, description="Apply the tokenizer's chat template to rows containing a `messages` field."
     )

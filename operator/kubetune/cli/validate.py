@@ -39,8 +39,9 @@ def run_validate(documents: list[Document], output: str, out: TextIO) -> int:
     return EXIT_VALID if objects_valid and all(report.valid for _, report in reports) else EXIT_INVALID
 
 
-def _print_human(documents: list[Document], bundle: Bundle, reports: list[tuple[Document, JobReport]],
-                 out: TextIO) -> None:
+def _print_human(
+    documents: list[Document], bundle: Bundle, reports: list[tuple[Document, JobReport]], out: TextIO
+) -> None:
     for index, obj in bundle.objects:
         if obj.errors:
             out.write(f"{documents[index].source}: {obj.kind} {obj.namespace}/{obj.name}: invalid\n")

@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from kubetune.api.common import GROUP_VERSION
+from kubetune.api.common import GROUP_VERSION, manifest_identity
 from kubetune.api.resources import FileSetSpec, ModelSpec
 from kubetune.planning.references import Catalog, Finding, ObjectKey
 from kubetune.planning.validation import validate_fileset, validate_model
@@ -50,9 +50,7 @@ def sort_manifests(manifests: Sequence[Any]) -> Bundle:
 
 
 def _add_object(catalog: Catalog, kind: str, manifest: Mapping[str, Any]) -> ObjectReport:
-    metadata = manifest.get("metadata") if isinstance(manifest.get("metadata"), Mapping) else {}
-    name = str(metadata.get("name", ""))
-    namespace = str(metadata.get("namespace", "default"))
+    name, namespace = manifest_identity(manifest)
     key = ObjectKey(kind, namespace, name)  # type: ignore[arg-type]
     report = ObjectReport(kind, namespace, name)
     if not name:

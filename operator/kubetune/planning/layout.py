@@ -50,9 +50,7 @@ def total_gpus(parallelism: AutomodelParallelism) -> int:
 
 def model_parallel_size(parallelism: AutomodelParallelism) -> int:
     """GPUs that hold one replica of the model: TP × PP × CP."""
-    return (
-        parallelism.tensor_parallel_size * parallelism.pipeline_parallel_size * parallelism.context_parallel_size
-    )
+    return parallelism.tensor_parallel_size * parallelism.pipeline_parallel_size * parallelism.context_parallel_size
 
 
 def gpus_fit_model_parallel(parallelism: AutomodelParallelism) -> bool:

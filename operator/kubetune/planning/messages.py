@@ -38,8 +38,10 @@ _BOUNDS = {
 
 # Enum values a user reaches for on the wrong backend, and where that feature lives.
 _ENUM_HINTS: dict[tuple[str, Any], str] = {
-    ("unsloth.training.training_type", "distillation"): "unsloth supports only sft; use the automodel backend "
-    "for distillation",
+    (
+        "unsloth.training.training_type",
+        "distillation",
+    ): "unsloth supports only sft; use the automodel backend for distillation",
     ("unsloth.training.finetuning_type", "lora_merged"): "for a merged result use finetuning_type: lora with "
     "output.save_method: merged_16bit",
 }

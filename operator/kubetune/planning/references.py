@@ -58,9 +58,7 @@ class Catalog:
     """Objects that exist but fail their own validation, with the first error."""
 
     def get(self, key: ObjectKey) -> ModelSpec | FileSetSpec | None:
-        table: Mapping[tuple[str, str], ModelSpec | FileSetSpec] = (
-            self.models if key.kind == "Model" else self.filesets
-        )
+        table: Mapping[tuple[str, str], ModelSpec | FileSetSpec] = self.models if key.kind == "Model" else self.filesets
         return table.get((key.namespace, key.name))
 
 
@@ -128,8 +126,10 @@ def check_references(section: AutomodelSpec | UnslothSpec, namespace: str, catal
 def _check_models(section: AutomodelSpec | UnslothSpec, result: ReferenceCheck) -> None:
     model, teacher = result.resolved.get("model"), result.resolved.get("teacher")
     model_path = "spec.automodel.model" if isinstance(section, AutomodelSpec) else "spec.unsloth.model.name"
-    for path, target, role in ((model_path, model, "base model"),
-                               ("spec.automodel.training.teacher_model", teacher, "teacher")):
+    for path, target, role in (
+        (model_path, model, "base model"),
+        ("spec.automodel.training.teacher_model", teacher, "teacher"),
+    ):
         if isinstance(target, ModelSpec) and target.adapter is not None:
             result.errors.append(
                 Finding(
@@ -175,8 +175,7 @@ def _check_models(section: AutomodelSpec | UnslothSpec, result: ReferenceCheck) 
             result.errors.append(
                 Finding(
                     "spec.automodel.parallelism.expert_parallel_size",
-                    f"expert_parallel_size must divide the model's number of experts ({model.numExperts}); "
-                    f"got {ep}",
+                    f"expert_parallel_size must divide the model's number of experts ({model.numExperts}); got {ep}",
                     "ExpertParallelDoesNotDivideExperts",
                 )
             )

@@ -86,8 +86,13 @@ RULES: tuple[Rule, ...] = (
         section="automodel",
         node="parallelism",
         field="",
-        concerns=("parallelism.num_gpus_per_node", "parallelism.num_nodes", "parallelism.tensor_parallel_size",
-                  "parallelism.pipeline_parallel_size", "parallelism.context_parallel_size"),
+        concerns=(
+            "parallelism.num_gpus_per_node",
+            "parallelism.num_nodes",
+            "parallelism.tensor_parallel_size",
+            "parallelism.pipeline_parallel_size",
+            "parallelism.context_parallel_size",
+        ),
         check=lambda p: gpus_fit_model_parallel(p),
         cel=f"{_GPUS} % {_TP_PP_CP} == 0",
         message=(
@@ -101,9 +106,15 @@ RULES: tuple[Rule, ...] = (
         section="automodel",
         node="",
         field="batch.global_batch_size",
-        concerns=("batch.global_batch_size", "batch.micro_batch_size", "parallelism.num_gpus_per_node",
-                  "parallelism.num_nodes", "parallelism.tensor_parallel_size", "parallelism.pipeline_parallel_size",
-                  "parallelism.context_parallel_size"),
+        concerns=(
+            "batch.global_batch_size",
+            "batch.micro_batch_size",
+            "parallelism.num_gpus_per_node",
+            "parallelism.num_nodes",
+            "parallelism.tensor_parallel_size",
+            "parallelism.pipeline_parallel_size",
+            "parallelism.context_parallel_size",
+        ),
         check=lambda spec: batch_fits_data_parallel(spec.batch, spec.parallelism),
         cel=(
             f"{_ROOT_GPUS} % {_ROOT_TP_PP_CP} != 0 || self.batch.global_batch_size % "
@@ -193,8 +204,9 @@ RULES: tuple[Rule, ...] = (
         node="",
         field="model.load_in_4bit",
         concerns=("model.load_in_4bit", "model.load_in_8bit", "training.finetuning_type"),
-        check=lambda spec: spec.training.finetuning_type != "all_weights"
-        or not (spec.model.load_in_4bit or spec.model.load_in_8bit),
+        check=lambda spec: (
+            spec.training.finetuning_type != "all_weights" or not (spec.model.load_in_4bit or spec.model.load_in_8bit)
+        ),
         cel="self.training.finetuning_type != 'all_weights' || (!self.model.load_in_4bit && !self.model.load_in_8bit)",
         message=(
             "full-weight training (finetuning_type: all_weights) cannot use quantized loading: "
@@ -208,8 +220,7 @@ RULES: tuple[Rule, ...] = (
         node="",
         field="output.save_method",
         concerns=("output.save_method", "training.finetuning_type"),
-        check=lambda spec: not spec.output.save_method.startswith("merged_")
-        or spec.training.finetuning_type == "lora",
+        check=lambda spec: not spec.output.save_method.startswith("merged_") or spec.training.finetuning_type == "lora",
         cel="!self.output.save_method.startsWith('merged_') || self.training.finetuning_type == 'lora'",
         message="merged_16bit and merged_4bit merge a LoRA adapter: use them only with finetuning_type: lora",
     ),
@@ -250,6 +261,7 @@ RULES: tuple[Rule, ...] = (
 
 # A FileSet's source follows the same rule as a Model's.
 RULES = (*RULES, *(replace(rule, kind="FileSet") for rule in RULES if rule.kind == "Model"))
+
 
 def rules_for(kind: Kind) -> tuple[Rule, ...]:
     return tuple(rule for rule in RULES if rule.kind == kind)

@@ -18,9 +18,9 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-from kubetune.api.common import DNS_LABEL_PATTERN, GROUP_VERSION
-from kubetune.api.resources import BACKENDS, Backend, CustomizationJobSpec, FileSetSpec, ModelSpec
 from kubetune.api.automodel import AutomodelSpec
+from kubetune.api.common import DNS_LABEL_PATTERN, GROUP_VERSION, manifest_identity
+from kubetune.api.resources import BACKENDS, Backend, CustomizationJobSpec, FileSetSpec, ModelSpec
 from kubetune.api.unsloth import UnslothSpec
 from kubetune.planning.layout import Layout, compute_layout
 from kubetune.planning.messages import describe, dotted
@@ -75,16 +75,19 @@ def validate_job(manifest: Any, catalog: Catalog | None = None) -> JobReport:
         report = JobReport(name="", namespace="default")
         report.errors.append(Finding("", "a CustomizationJob must be a mapping", "NotAMapping"))
         return report
-    metadata = manifest.get("metadata") if isinstance(manifest.get("metadata"), Mapping) else {}
-    name = metadata.get("name") if isinstance(metadata.get("name"), str) else ""
-    namespace = metadata.get("namespace") if isinstance(metadata.get("namespace"), str) else "default"
+    name, namespace = manifest_identity(manifest)
     report = JobReport(name=name, namespace=namespace)
     _check_envelope(manifest, report)
 
     raw_spec = manifest.get("spec")
     if not isinstance(raw_spec, Mapping):
-        report.errors.append(Finding("spec", "is required: a mapping with an `automodel` or `unsloth` section",
-                                     "FieldValueRequired"))
+        report.errors.append(
+            Finding(
+                "spec",
+                "is required: a mapping with an `automodel` or `unsloth` section",
+                "FieldValueRequired",
+            )
+        )
         return report
     present = [b for b in BACKENDS if b in raw_spec]
     report.backend = present[0] if len(present) == 1 else None
@@ -126,14 +129,23 @@ def _validate_object(kind: Kind, model: type[T], raw: Any) -> tuple[T | None, li
 
 def _check_envelope(manifest: Mapping[str, Any], report: JobReport) -> None:
     if manifest.get("apiVersion") != GROUP_VERSION:
-        report.errors.append(Finding("apiVersion", f"must be {GROUP_VERSION}; got {manifest.get('apiVersion')!r}",
-                                     "WrongApiVersion"))
+        report.errors.append(
+            Finding(
+                "apiVersion",
+                f"must be {GROUP_VERSION}; got {manifest.get('apiVersion')!r}",
+                "WrongApiVersion",
+            )
+        )
     if manifest.get("kind") != "CustomizationJob":
         report.errors.append(Finding("kind", f"must be CustomizationJob; got {manifest.get('kind')!r}", "WrongKind"))
     if not re.fullmatch(DNS_LABEL_PATTERN, report.name):
         report.errors.append(
-            Finding("metadata.name", f"{report.name!r} is not a valid job name: use at most 63 lowercase "
-                    "letters, digits and '-', starting and ending with a letter or digit", "InvalidName")
+            Finding(
+                "metadata.name",
+                f"{report.name!r} is not a valid job name: use at most 63 lowercase "
+                "letters, digits and '-', starting and ending with a letter or digit",
+                "InvalidName",
+            )
         )
 
 
@@ -194,8 +206,13 @@ def _schema_findings(errors: list[SchemaError], raw_spec: Mapping[str, Any]) -> 
     findings = []
     for loc, detail in errors:
         within = dotted(loc)
-        findings.append(Finding(dotted(loc, "spec"), describe(detail, within, _siblings(raw_spec, loc)),
-                                _reason(detail["type"])))
+        findings.append(
+            Finding(
+                dotted(loc, "spec"),
+                describe(detail, within, _siblings(raw_spec, loc)),
+                _reason(detail["type"]),
+            )
+        )
     return findings
 
 
@@ -247,5 +264,8 @@ def _node(spec: BaseModel, rule: Rule) -> Any:
 def _touches(rule: Rule, broken: set[str]) -> bool:
     prefix = f"{rule.section}." if rule.section else ""
     concerned = [prefix + c for c in rule.concerns]
-    return any(b == c or b.startswith(c + ".") or b.startswith(c + "[") or c.startswith(b + ".")
-               for b in broken for c in concerned)
+    return any(
+        b == c or b.startswith(c + ".") or b.startswith(c + "[") or c.startswith(b + ".")
+        for b in broken
+        for c in concerned
+    )

@@ -30,6 +30,7 @@ from kubetune.api.resources import (
 )
 from kubetune.planning.rules import Kind, Rule, rules_for
 
+
 class _FactoryDefaults(GenerateJsonSchema):
     """Emit defaults of `default_factory` fields: `{}` for sections, the value for lists."""
 
@@ -121,7 +122,11 @@ def attach_rules(spec_schema: dict[str, Any], rules: tuple[Rule, ...]) -> dict[s
     """Add each rule's CEL to the schema node it belongs to (`spec_schema` is the spec's schema)."""
     for rule in rules:
         node = _node(spec_schema, f"{rule.section}.{rule.node}")
-        validation: dict[str, Any] = {"rule": rule.cel, "message": rule.message, "reason": "FieldValueInvalid"}
+        validation: dict[str, Any] = {
+            "rule": rule.cel,
+            "message": rule.message,
+            "reason": "FieldValueInvalid",
+        }
         if rule.field_path:
             validation["fieldPath"] = rule.field_path
         node.setdefault("x-kubernetes-validations", []).append(validation)
@@ -135,8 +140,15 @@ def _status_schema(model: type[BaseModel]) -> dict[str, Any]:
     return schema
 
 
-def _crd(kind: Kind, plural: str, spec_model: type[BaseModel], status_model: type[BaseModel],
-         short_names: list[str], columns: list[dict[str, Any]], description: str) -> dict[str, Any]:
+def _crd(
+    kind: Kind,
+    plural: str,
+    spec_model: type[BaseModel],
+    status_model: type[BaseModel],
+    short_names: list[str],
+    columns: list[dict[str, Any]],
+    description: str,
+) -> dict[str, Any]:
     spec_schema = attach_rules(openapi_schema(spec_model), rules_for(kind))
     spec_schema["description"] = description
     return {
@@ -191,18 +203,44 @@ _AGE = _column("Age", ".metadata.creationTimestamp", "date")
 def custom_resource_definitions() -> list[dict[str, Any]]:
     """The three CRDs, in apply order."""
     return [
-        _crd("CustomizationJob", "customizationjobs", CustomizationJobSpec, CustomizationJobStatus, ["ctj"],
-             [_column("Backend", ".status.backend"), _column("Phase", ".status.phase"),
-              _column("Progress", ".status.progress.percentageDone", "number", format="float"),
-              _column("Loss", ".status.progress.trainLoss", "number", format="float"), _AGE],
-             "A fine-tuning job in NeMo Customizer's training configuration format."),
-        _crd("Model", "models", ModelSpec, ResourceStatus, ["ktmodel"],
-             [_column("Tokenizer", ".spec.tokenizer"), _column("Base", ".spec.adapter.baseModel"),
-              _column("Phase", ".status.phase"), _AGE],
-             "A model (full weights or a LoRA adapter) that jobs fine-tune or create."),
-        _crd("FileSet", "filesets", FileSetSpec, ResourceStatus, ["ktfs"],
-             [_column("Phase", ".status.phase"), _AGE],
-             "A set of files (a dataset) that jobs train on."),
+        _crd(
+            "CustomizationJob",
+            "customizationjobs",
+            CustomizationJobSpec,
+            CustomizationJobStatus,
+            ["ctj"],
+            [
+                _column("Backend", ".status.backend"),
+                _column("Phase", ".status.phase"),
+                _column("Progress", ".status.progress.percentageDone", "number", format="float"),
+                _column("Loss", ".status.progress.trainLoss", "number", format="float"),
+                _AGE,
+            ],
+            "A fine-tuning job in NeMo Customizer's training configuration format.",
+        ),
+        _crd(
+            "Model",
+            "models",
+            ModelSpec,
+            ResourceStatus,
+            ["ktmodel"],
+            [
+                _column("Tokenizer", ".spec.tokenizer"),
+                _column("Base", ".spec.adapter.baseModel"),
+                _column("Phase", ".status.phase"),
+                _AGE,
+            ],
+            "A model (full weights or a LoRA adapter) that jobs fine-tune or create.",
+        ),
+        _crd(
+            "FileSet",
+            "filesets",
+            FileSetSpec,
+            ResourceStatus,
+            ["ktfs"],
+            [_column("Phase", ".status.phase"), _AGE],
+            "A set of files (a dataset) that jobs train on.",
+        ),
     ]
 
 

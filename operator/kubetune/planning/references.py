@@ -118,6 +118,17 @@ def check_references(section: AutomodelSpec | UnslothSpec, namespace: str, catal
                 )
             )
             continue
+        if ref.key.namespace != namespace and target.source.pvc is not None:
+            result.errors.append(
+                Finding(
+                    ref.path,
+                    f"{ref.key} is stored on PersistentVolumeClaim {target.source.pvc.claimName} in namespace "
+                    f"{ref.key.namespace}, which pods in {namespace} cannot mount: copy it into a claim in "
+                    f"{namespace}, or give it a hostPath or uri source",
+                    "ReferenceNotMountable",
+                )
+            )
+            continue
         result.resolved[ref.role] = target
     _check_models(section, result)
     return result

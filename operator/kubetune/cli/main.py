@@ -10,6 +10,7 @@ from pathlib import Path
 from kubetune.api.automodel import AutomodelSpec
 from kubetune.api.unsloth import UnslothSpec
 from kubetune.cli.documents import DocumentError, load_files
+from kubetune.cli.render import run_render
 from kubetune.cli.validate import EXIT_USAGE, run_validate
 from kubetune.render.crds import crd_file_name, custom_resource_definitions, openapi_schema, to_yaml
 
@@ -28,6 +29,9 @@ def _parser() -> argparse.ArgumentParser:
     schema.add_argument("backend", choices=["automodel", "unsloth"])
     schema.add_argument("--openapi", action="store_true", help="the structural OpenAPI form used in the CRD")
 
+    render = commands.add_parser("render", help="print the child objects the operator would create (dry run)")
+    render.add_argument("files", nargs="+", metavar="FILE", help="the job with its Models and FileSets")
+
     crds = commands.add_parser("crds", help="print the CustomResourceDefinitions as YAML")
     crds.add_argument("--out-dir", type=Path, help="write one file per CRD into this folder instead")
     return parser
@@ -38,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "validate":
             return run_validate(load_files(args.files), args.output, sys.stdout)
+        if args.command == "render":
+            return run_render(load_files(args.files), sys.stdout, sys.stderr)
         if args.command == "schema":
             model = AutomodelSpec if args.backend == "automodel" else UnslothSpec
             schema = openapi_schema(model) if args.openapi else model.model_json_schema()

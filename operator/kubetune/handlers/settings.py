@@ -1,0 +1,95 @@
+"""Operator settings, read once from the environment (the Helm chart sets these variables).
+
+Grouped the kopf way: each field says its unit and why its default is what it is.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from kubetune.render.children import TrainerSettings
+
+
+class SettingsError(ValueError):
+    """An environment variable has a value the operator cannot use."""
+
+
+@dataclass(frozen=True)
+class OperatorSettings:
+    trainer: TrainerSettings = field(default_factory=TrainerSettings)
+    namespaces: tuple[str, ...] = ()
+    """Namespaces to watch; empty watches the whole cluster (KUBETUNE_NAMESPACES, comma-separated)."""
+    metrics_port: int = 8080
+    """Port of /metrics and /healthz (KUBETUNE_METRICS_PORT); 0 turns the endpoint off."""
+    gpu_memory_gib: float | None = None
+    """Memory of one GPU on this cluster (KUBETUNE_GPU_MEMORY_GIB). With it, the memory
+    pre-flight warns on jobs that may not fit and refuses those that cannot."""
+    webhook: bool = False
+    """Serve the validating admission webhook (KUBETUNE_WEBHOOK=true). Off by default because it
+    needs a Service and a certificate; the same checks run at every reconcile either way."""
+    webhook_host: str | None = None
+    """Host name the API server uses to reach the webhook (the Service DNS name)."""
+    webhook_port: int = 9443
+    reference_retry_seconds: float = 30.0
+    """How often a job waiting for a missing Model/FileSet re-checks, besides the watch on them."""
+    peering: str = "kubetune"
+    """kopf peering object: only one operator replica acts at a time."""
+
+
+def _int(env: Mapping[str, str], name: str, default: int) -> int:
+    value = env.get(name)
+    if value in (None, ""):
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise SettingsError(f"{name}={value!r} is not an integer") from None
+
+
+def _float(env: Mapping[str, str], name: str, default: float | None) -> float | None:
+    value = env.get(name)
+    if value in (None, ""):
+        return default
+    try:
+        return float(value)
+    except ValueError:
+        raise SettingsError(f"{name}={value!r} is not a number") from None
+
+
+def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
+    value = env.get(name, "").strip().lower()
+    if not value:
+        return default
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise SettingsError(f"{name}={value!r} is not a boolean (true/false)")
+
+
+def settings_from_env(env: Mapping[str, str] | None = None) -> OperatorSettings:
+    env = os.environ if env is None else env
+    defaults = TrainerSettings()
+    trainer = TrainerSettings(
+        image=env.get("KUBETUNE_TRAINER_IMAGE", defaults.image),
+        image_pull_policy=env.get("KUBETUNE_TRAINER_IMAGE_PULL_POLICY", defaults.image_pull_policy),
+        gpu_resource=env.get("KUBETUNE_GPU_RESOURCE", defaults.gpu_resource),
+        backoff_limit=_int(env, "KUBETUNE_BACKOFF_LIMIT", defaults.backoff_limit),
+        progress_interval_seconds=_float(env, "KUBETUNE_PROGRESS_INTERVAL", defaults.progress_interval_seconds)
+        or defaults.progress_interval_seconds,
+        shm_size=env.get("KUBETUNE_SHM_SIZE", defaults.shm_size),
+    )
+    namespaces = tuple(ns.strip() for ns in env.get("KUBETUNE_NAMESPACES", "").split(",") if ns.strip())
+    return OperatorSettings(
+        trainer=trainer,
+        namespaces=namespaces,
+        metrics_port=_int(env, "KUBETUNE_METRICS_PORT", 8080),
+        gpu_memory_gib=_float(env, "KUBETUNE_GPU_MEMORY_GIB", None),
+        webhook=_bool(env, "KUBETUNE_WEBHOOK", False),
+        webhook_host=env.get("KUBETUNE_WEBHOOK_HOST") or None,
+        webhook_port=_int(env, "KUBETUNE_WEBHOOK_PORT", 9443),
+        reference_retry_seconds=_float(env, "KUBETUNE_REFERENCE_RETRY_SECONDS", 30.0) or 30.0,
+        peering=env.get("KUBETUNE_PEERING", "kubetune"),
+    )

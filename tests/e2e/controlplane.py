@@ -1,0 +1,373 @@
+"""A real Kubernetes control plane on 127.0.0.1 for the e2e tests.
+
+etcd, kube-apiserver and kube-controller-manager (garbage collector, namespace and
+service-account controllers) run as child processes, built from source by
+``tools/controlplane/build.sh``. There is no kubelet: pods are stored, never run.
+
+Standard library only (plus the ``openssl`` CLI), so that ``python -m
+tests.e2e.controlplane up`` works from any Python for a debug session.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import secrets
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from .certs import Certs, generate_certs
+from .procs import ControlPlaneError, Process, free_port, log_tails, wait_http
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+BUILD_SCRIPT = REPO_ROOT / "tools" / "controlplane" / "build.sh"
+BUILD_HINT = (
+    "Build the control plane with `bash tools/controlplane/build.sh` (needs Go >= 1.26 and the Go "
+    "module proxy; about 15-20 min cold, cached afterwards) and/or set KUBETUNE_CP_BIN to the "
+    "directory it prints. See docs/testing.md."
+)
+BINARIES = ("etcd", "kube-apiserver", "kube-controller-manager", "kubectl")
+# Canonical names from k8s.io/kubernetes cmd/kube-controller-manager/names.
+CONTROLLERS = (
+    "garbage-collector-controller",
+    "namespace-controller",
+    "serviceaccount-controller",
+    "serviceaccount-token-controller",
+    "root-ca-certificate-publisher-controller",
+)
+ADMIN_USER = "e2e-admin"
+UNPRIVILEGED_USER = "e2e-user"
+START_TIMEOUT_S = 120.0
+
+
+@dataclass(frozen=True)
+class ControlPlane:
+    """A running control plane. Kubeconfigs are JSON (valid YAML)."""
+
+    server: str
+    ca_path: Path
+    admin_token: str
+    user_token: str
+    kubeconfig: Path
+    user_kubeconfig: Path
+    bin_dir: Path
+    workdir: Path
+
+    def kubectl(
+        self,
+        *args: str,
+        kubeconfig: Path | None = None,
+        stdin: str | None = None,
+        check: bool = False,
+        timeout: float = 60.0,
+    ) -> subprocess.CompletedProcess[str]:
+        """Run kubectl (admin kubeconfig unless another is given); never raises unless check."""
+        argv = [
+            str(self.bin_dir / "kubectl"),
+            f"--kubeconfig={kubeconfig or self.kubeconfig}",
+            f"--cache-dir={self.workdir / 'kubectl-cache'}",
+            *args,
+        ]
+        return subprocess.run(argv, input=stdin, capture_output=True, text=True, check=check, timeout=timeout)
+
+    def user_kubectl(
+        self, *args: str, stdin: str | None = None, timeout: float = 60.0
+    ) -> subprocess.CompletedProcess[str]:
+        """Run kubectl as the unprivileged token user ``e2e-user`` (no RBAC rights at all)."""
+        return self.kubectl(*args, kubeconfig=self.user_kubeconfig, stdin=stdin, timeout=timeout)
+
+
+def pinned_version(repo_root: Path = REPO_ROOT) -> str:
+    """The k8s.io/kubernetes version that tools/controlplane/go.mod pins, e.g. ``v1.37.2``."""
+    gomod = (repo_root / "tools" / "controlplane" / "go.mod").read_text()
+    match = re.search(r"^(?:require\s+)?\s*k8s\.io/kubernetes\s+(v\S+)", gomod, re.MULTILINE)
+    if match:
+        return match.group(1)
+    raise ControlPlaneError("k8s.io/kubernetes not found in tools/controlplane/go.mod")
+
+
+def find_bin_dir(repo_root: Path = REPO_ROOT) -> Path:
+    """``$KUBETUNE_CP_BIN`` if set, else the cache dir of ``build.sh`` (a no-op when cached)."""
+    env = os.environ.get("KUBETUNE_CP_BIN")
+    if env:
+        bin_dir = Path(env)
+    else:
+        script = repo_root / "tools" / "controlplane" / "build.sh"
+        try:
+            res = subprocess.run(["bash", str(script)], capture_output=True, text=True, check=False)
+        except OSError as exc:
+            raise ControlPlaneError(f"cannot run {script}: {exc}\n{BUILD_HINT}") from exc
+        if res.returncode != 0:
+            tail = "\n".join(res.stderr.splitlines()[-30:])
+            raise ControlPlaneError(f"`bash {script}` failed (exit {res.returncode}):\n{tail}\n{BUILD_HINT}")
+        bin_dir = Path(res.stdout.strip().splitlines()[-1])
+    missing = [b for b in BINARIES if not os.access(bin_dir / b, os.X_OK)]
+    if missing:
+        raise ControlPlaneError(f"{bin_dir} lacks {', '.join(missing)}.\n{BUILD_HINT}")
+    return bin_dir
+
+
+def _kubeconfig(path: Path, server: str, ca: Path, user: str, token: str) -> Path:
+    config = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [
+            {
+                "name": "kubetune-e2e",
+                "cluster": {"server": server, "certificate-authority": str(ca)},
+            }
+        ],
+        "users": [{"name": user, "user": {"token": token}}],
+        "contexts": [
+            {
+                "name": "kubetune-e2e",
+                "context": {"cluster": "kubetune-e2e", "user": user, "namespace": "default"},
+            }
+        ],
+        "current-context": "kubetune-e2e",
+    }
+    path.write_text(json.dumps(config, indent=2) + "\n")
+    path.chmod(0o600)
+    return path
+
+
+def _start_etcd(stack: ExitStack, bin_dir: Path, workdir: Path) -> str:
+    client, peer = free_port(), free_port()
+    url, peer_url = f"http://127.0.0.1:{client}", f"http://127.0.0.1:{peer}"
+    proc = stack.enter_context(
+        Process.start(
+            "etcd",
+            [
+                str(bin_dir / "etcd"),
+                "--name=default",
+                f"--data-dir={workdir / 'etcd-data'}",
+                f"--listen-client-urls={url}",
+                f"--advertise-client-urls={url}",
+                f"--listen-peer-urls={peer_url}",
+                f"--initial-advertise-peer-urls={peer_url}",
+                f"--initial-cluster=default={peer_url}",
+                "--unsafe-no-fsync",
+                "--log-level=warn",
+            ],
+            workdir,
+        )
+    )
+    wait_http(f"{url}/health", [proc], START_TIMEOUT_S)
+    return url
+
+
+def _start_apiserver(
+    stack: ExitStack, bin_dir: Path, workdir: Path, certs: Certs, etcd_url: str, admin_token: str
+) -> tuple[str, Process]:
+    port = free_port()
+    server = f"https://127.0.0.1:{port}"
+    proc = stack.enter_context(
+        Process.start(
+            "kube-apiserver",
+            [
+                str(bin_dir / "kube-apiserver"),
+                f"--etcd-servers={etcd_url}",
+                "--bind-address=127.0.0.1",
+                "--advertise-address=127.0.0.1",
+                # The lease reconciler refuses a loopback address (it would publish it as the
+                # endpoint of service/kubernetes, for pods, and there are no pods here).
+                "--endpoint-reconciler-type=none",
+                f"--secure-port={port}",
+                f"--cert-dir={workdir / 'apiserver-certs'}",
+                f"--tls-cert-file={certs.server_cert}",
+                f"--tls-private-key-file={certs.server_key}",
+                f"--service-account-issuer={server}",
+                f"--service-account-key-file={certs.sa_key}",
+                f"--service-account-signing-key-file={certs.sa_key}",
+                "--service-cluster-ip-range=10.0.0.0/24",
+                "--authorization-mode=RBAC",
+                f"--token-auth-file={certs.token_file}",
+                "--allow-privileged=true",
+                "--profiling=false",
+            ],
+            workdir,
+        )
+    )
+    wait_http(f"{server}/readyz", [proc], START_TIMEOUT_S, ca=certs.ca_cert, token=admin_token)
+    return server, proc
+
+
+def _start_controller_manager(
+    stack: ExitStack, bin_dir: Path, workdir: Path, certs: Certs, kubeconfig: Path
+) -> Process:
+    port = free_port()
+    proc = stack.enter_context(
+        Process.start(
+            "kube-controller-manager",
+            [
+                str(bin_dir / "kube-controller-manager"),
+                f"--kubeconfig={kubeconfig}",
+                f"--authentication-kubeconfig={kubeconfig}",
+                f"--authorization-kubeconfig={kubeconfig}",
+                "--leader-elect=false",
+                "--use-service-account-credentials=false",
+                "--bind-address=127.0.0.1",
+                f"--secure-port={port}",
+                f"--cert-dir={workdir / 'kcm-certs'}",
+                f"--controllers={','.join(CONTROLLERS)}",
+                f"--service-account-private-key-file={certs.sa_key}",
+                f"--root-ca-file={certs.ca_cert}",
+                "--profiling=false",
+            ],
+            workdir,
+        )
+    )
+    wait_http(f"https://127.0.0.1:{port}/healthz", [proc], START_TIMEOUT_S, ca=None)
+    return proc
+
+
+@contextmanager
+def running(bin_dir: Path, workdir: Path) -> Iterator[ControlPlane]:
+    """Start etcd, kube-apiserver and kube-controller-manager; stop them all on exit.
+
+    Logs are ``<workdir>/<process>.log``. Raises ControlPlaneError, with the tails of all
+    logs, when startup fails (after stopping whatever had started).
+    """
+    workdir.mkdir(parents=True, exist_ok=True)
+    with ExitStack() as stack:  # unwinds in reverse: KCM, apiserver, etcd
+        try:
+            cp = _start_all(stack, bin_dir, workdir)
+        except ControlPlaneError as exc:
+            stack.close()  # stop first, so that the logs are complete
+            raise ControlPlaneError(f"control plane failed to start: {exc}\n{log_tails(workdir)}") from exc
+        yield cp
+
+
+def _start_all(stack: ExitStack, bin_dir: Path, workdir: Path) -> ControlPlane:
+    admin_token, user_token = secrets.token_hex(16), secrets.token_hex(16)
+    certs = generate_certs(
+        workdir / "pki",
+        tokens=[
+            (admin_token, ADMIN_USER, ["system:masters"]),
+            (user_token, UNPRIVILEGED_USER, []),
+        ],
+    )
+    etcd_url = _start_etcd(stack, bin_dir, workdir)
+    server, apiserver = _start_apiserver(stack, bin_dir, workdir, certs, etcd_url, admin_token)
+    admin_kc = _kubeconfig(workdir / "kubeconfig", server, certs.ca_cert, ADMIN_USER, admin_token)
+    user_kc = _kubeconfig(workdir / "kubeconfig-e2e-user", server, certs.ca_cert, UNPRIVILEGED_USER, user_token)
+    kcm = _start_controller_manager(stack, bin_dir, workdir, certs, admin_kc)
+    cp = ControlPlane(
+        server=server,
+        ca_path=certs.ca_cert,
+        admin_token=admin_token,
+        user_token=user_token,
+        kubeconfig=admin_kc,
+        user_kubeconfig=user_kc,
+        bin_dir=bin_dir,
+        workdir=workdir,
+    )
+    # The serviceaccount controller creating `default/default` proves that KCM works.
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while True:
+        res = cp.kubectl("get", "serviceaccount", "default", "-n", "default", "--ignore-not-found",
+                         "-o", "name")  # fmt: skip
+        if res.returncode == 0 and res.stdout.strip():
+            return cp
+        apiserver.check_alive()
+        kcm.check_alive()
+        if time.monotonic() > deadline:
+            raise ControlPlaneError(
+                "kube-controller-manager did not create serviceaccount default/default in "
+                f"{START_TIMEOUT_S:.0f} s (kubectl rc={res.returncode}: {res.stderr.strip()})"
+            )
+        time.sleep(0.3)
+
+
+def install_manifests(cp: ControlPlane, files: Sequence[Path], timeout_s: float = 60.0) -> list[str]:
+    """Server-side apply each file; wait until every CRD among them is Established.
+
+    Server-side apply, because big CRDs (the PyTorchJob one is ~8000 lines) exceed the
+    annotation size limit of client-side apply. Tries every file, then raises one
+    ControlPlaneError naming all that the apiserver refused. Returns the applied names.
+    """
+    names: list[str] = []
+    errors: list[str] = []
+    for f in files:
+        res = cp.kubectl("apply", "--server-side", "--force-conflicts", "-o", "name", "-f", str(f))
+        names += res.stdout.split()
+        if res.returncode != 0:
+            errors.append(f"kubectl apply -f {f} failed:\n{res.stderr.strip()}")
+    if errors:
+        raise ControlPlaneError("the apiserver refused manifests:\n" + "\n".join(errors))
+    crds = [n for n in names if n.startswith("customresourcedefinition")]
+    _wait_established(cp, crds, timeout_s)
+    return names
+
+
+def _wait_established(cp: ControlPlane, crds: Sequence[str], timeout_s: float) -> None:
+    """Poll until every CRD has condition Established=True (``kubectl wait`` errors out
+    instead of waiting while a new CRD has no conditions yet)."""
+    deadline = time.monotonic() + timeout_s
+    pending = list(crds)
+    while pending:
+        res = cp.kubectl("get", *pending, "-o", "json")
+        if res.returncode == 0:
+            data = json.loads(res.stdout)
+            items = data.get("items", [data])
+            done = {
+                f"customresourcedefinition.apiextensions.k8s.io/{item['metadata']['name']}"
+                for item in items
+                for cond in item.get("status", {}).get("conditions") or []
+                if cond["type"] == "Established" and cond["status"] == "True"
+            }
+            pending = [n for n in pending if n not in done]
+        if pending and time.monotonic() > deadline:
+            raise ControlPlaneError(f"CRDs not Established after {timeout_s:.0f} s: {pending} {res.stderr}")
+        if pending:
+            time.sleep(0.2)
+
+
+def _debug_session(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m tests.e2e.controlplane",
+        description="Run the e2e control plane for a debug session until Ctrl-C.",
+    )
+    parser.add_argument("command", choices=["up"], help="start and wait for Ctrl-C")
+    parser.add_argument("--workdir", type=Path, help="keep certs, kubeconfigs, logs here")
+    parser.add_argument("--crds", action="store_true", help="also install crds/ and Kubeflow CRDs")
+    args = parser.parse_args(argv)
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="kubetune-cp-"))
+    # Turn SIGTERM/SIGHUP into a normal exit, so the finally blocks stop the processes.
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, lambda *_: sys.exit(0))
+    try:
+        with running(find_bin_dir(), workdir.resolve()) as cp:
+            if args.crds:
+                install_manifests(cp, crd_files())
+            print(f"control plane up: {cp.server} (logs in {cp.workdir})")
+            print(f"export KUBECONFIG={cp.kubeconfig}   # admin (system:masters)")
+            print(f"# unprivileged user: KUBECONFIG={cp.user_kubeconfig}")
+            print(f"export PATH={cp.bin_dir}:$PATH     # kubectl, helm")
+            print("Ctrl-C stops it.", flush=True)
+            signal.pause()
+    except ControlPlaneError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\nstopped", file=sys.stderr)
+    return 0
+
+
+def crd_files(repo_root: Path = REPO_ROOT) -> list[Path]:
+    """All YAML in ``crds/`` (may be absent) plus the vendored Kubeflow PyTorchJob CRD."""
+    own = sorted(p for pat in ("*.yaml", "*.yml") for p in (repo_root / "crds").glob(pat) if p.is_file())
+    return [*own, repo_root / "third_party" / "kubeflow" / "pytorchjobs.kubeflow.org.yaml"]
+
+
+if __name__ == "__main__":
+    sys.exit(_debug_session())

@@ -1,0 +1,143 @@
+"""Logit distillation, automodel backend: load → setup → train → save → cleanup.
+
+Features:
+- a frozen teacher at `teacher_precision` (bf16, fp16, fp32) teaches the student with
+  loss = ratio × KL(teacher/T ‖ student/T)·T² + (1 − ratio) × CE on completion tokens
+  (`kubetune_trainer.losses.distillation_sums`); `distillation_ratio` 0 = CE only, 1 = KD only;
+- the student trains as in SFT: LoRA, merged LoRA or full weights, FSDP2 data parallel,
+  checkpoints and resume; the teacher is not sharded (each rank keeps a full copy for
+  inference) and, with `offload_teacher`, waits in CPU memory between forward passes;
+- the step history records `kl` and `ce` next to the loss.
+
+Raises: as `sft.py`, plus `ModelError` when student and teacher vocabularies differ
+(checked on the tokenizers and the output layers, before training starts).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from kubetune.planning.resolved import ResolvedJob
+from kubetune_trainer.automodel.engine import Engine, LossFn, lora_settings, save_output, seed_everything, start_run
+from kubetune_trainer.batching import Batch
+from kubetune_trainer.checkpoint import Preemption
+from kubetune_trainer.config import ConfigError, RunOptions, automodel_section, check_supported
+from kubetune_trainer.data import load_splits
+from kubetune_trainer.distributed import init_world, shard, shutdown
+from kubetune_trainer.losses import distillation_sums
+from kubetune_trainer.models import (
+    DTYPES,
+    ModelError,
+    add_lora,
+    count_parameters,
+    load_causal_lm,
+    load_tokenizer,
+    local_model_path,
+    pad_id,
+    vocabulary_mismatch,
+)
+from kubetune_trainer.outputs import finished, result_path
+
+
+def run(job: ResolvedJob, options: RunOptions) -> Path:
+    section = automodel_section(job)
+    training = section.training
+    if job.paths.teacher_model is None:
+        raise ConfigError("distillation needs paths.teacher_model (training.teacher_model resolved to a folder)")
+    world = init_world()
+    try:
+        check_supported(job, world.size)
+        if finished(job.paths.output, job.output.name):
+            return result_path(job.paths.output, job.output.name)
+        ctx = start_run(job, options, world)
+        try:
+            with Preemption() as preemption:
+                # 1. Load: tokenizers and data first (fail fast), then student and teacher.
+                model_path = local_model_path(job.paths.model)
+                teacher_path = local_model_path(job.paths.teacher_model)
+                tokenizer = load_tokenizer(model_path)
+                teacher_tokenizer = load_tokenizer(teacher_path)
+                splits = load_splits(
+                    job.paths.training,
+                    job.paths.validation,
+                    tokenizer,
+                    training.max_seq_length,
+                    section.dataset.prompt_template,
+                    ctx.seed,
+                )
+                seed_everything(ctx.seed)
+                model = load_causal_lm(model_path, torch.float32)
+                teacher = load_causal_lm(teacher_path, DTYPES[training.teacher_precision])
+                mismatch = vocabulary_mismatch((tokenizer, model), (teacher_tokenizer, teacher))
+                if mismatch:
+                    raise ModelError(
+                        f"the teacher {job.paths.teacher_model} cannot teach the student {job.paths.model}: "
+                        f"{mismatch}. Pick a teacher of the student's model family (same tokenizer and vocabulary)"
+                    )
+
+                # 2. Setup: the student as in SFT; the teacher frozen, on the device unless offloaded.
+                teacher.requires_grad_(False)
+                teacher.eval()
+                offload = training.offload_teacher and world.device.type != "cpu"
+                teacher.to("cpu" if offload else world.device)
+                lora = lora_settings(section)
+                if lora is not None:
+                    model = add_lora(model, lora["rank"], lora["alpha"], lora["target_modules"])
+                model.config.use_cache = False  # type: ignore[union-attr]
+                model.to(world.device)
+                if world.distributed:
+                    model = shard(model, world)
+                loss_fn = _loss(
+                    teacher, world.device, offload, training.distillation_ratio, training.distillation_temperature
+                )
+                engine = Engine(ctx, model, loss_fn, splits, pad_id(tokenizer), lora is not None)
+                trainable, total = count_parameters(model)
+                for warning in splits.warnings:
+                    engine.note(f"warning: {warning}")
+                engine.note(f"trainable parameters: {trainable:,} of {total:,}; teacher {training.teacher_precision}")
+                engine.resume()
+
+                # 3. Train.
+                result = engine.train(preemption)
+
+                # 4. Save.
+                first_kl = result.history[0].get("kl") if result.history else None
+                last_kl = result.history[-1].get("kl") if result.history else None
+                extra = {
+                    "teacher_model": training.teacher_model,
+                    "distillation": {
+                        "ratio": training.distillation_ratio,
+                        "temperature": training.distillation_temperature,
+                        "first_kl": first_kl,
+                        "last_kl": last_kl,
+                    },
+                }
+                folder = save_output(ctx, model, tokenizer, result, model_path, extra)
+                engine.note(f"result written to {folder}", kind="end")
+                return folder
+        finally:
+            # 5. Cleanup.
+            ctx.reporter.close()
+    finally:
+        shutdown(world)
+
+
+def _loss(teacher: nn.Module, device: torch.device, offload: bool, ratio: float, temperature: float) -> LossFn:
+    def loss(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        inputs = batch.model_inputs(device)
+        with torch.no_grad():
+            if offload:
+                teacher.to(device)
+            teacher_logits = teacher(**inputs).logits
+            if offload:
+                teacher.to("cpu")
+        student_logits = model(**inputs).logits
+        total, kl, ce = distillation_sums(
+            student_logits, teacher_logits, batch.labels.to(device), ratio, temperature
+        )
+        return total, {"kl": kl.detach(), "ce": ce.detach()}
+
+    return loss

@@ -1,0 +1,100 @@
+"""Supervised fine-tuning, automodel backend: load → setup → train → save → cleanup.
+
+Features:
+- `finetuning_type`: `lora` (peft adapter; `target_modules: null` = every linear layer but
+  the LM head), `lora_merged` (or `lora.merge: true`: the adapter merged into full
+  weights at the end), `all_weights` (every parameter trained);
+- data: see `kubetune_trainer.data` (formats, completion-only loss, truncation) and
+  `kubetune_trainer.batching` (packing, the step schedule);
+- data parallel with FSDP2 under torchrun (gloo on CPU, NCCL on GPUs); fp32 on CPU,
+  bf16 compute on GPUs;
+- checkpoints every N steps, at the end and on SIGTERM; resume from the newest one;
+- the result as a PEFT adapter or a safetensors model, plus `kubetune.json`.
+
+Raises:
+- `ConfigError`: a job this trainer cannot run (model parallel sizes > 1, world size
+  differing from the layout, a missing integration package);
+- `DataError`: a missing file or malformed row (with file and line), before any model loads;
+- `ModelError`: a missing model folder, an unreachable `hf://` URI, bad `target_modules`;
+- `DataTooSmall`: fewer training sequences than the global batch;
+- `Preempted`: SIGTERM arrived; a checkpoint was written (exit 143, resume on restart).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from kubetune.planning.resolved import ResolvedJob
+from kubetune_trainer.automodel.engine import Engine, LossFn, lora_settings, save_output, seed_everything, start_run
+from kubetune_trainer.batching import Batch
+from kubetune_trainer.checkpoint import Preemption
+from kubetune_trainer.config import RunOptions, automodel_section, check_supported
+from kubetune_trainer.data import load_splits
+from kubetune_trainer.distributed import init_world, shard, shutdown
+from kubetune_trainer.losses import cross_entropy_sum
+from kubetune_trainer.models import add_lora, count_parameters, load_causal_lm, load_tokenizer, local_model_path, pad_id
+from kubetune_trainer.outputs import finished, result_path
+
+
+def run(job: ResolvedJob, options: RunOptions) -> Path:
+    section = automodel_section(job)
+    world = init_world()
+    try:
+        check_supported(job, world.size)
+        if finished(job.paths.output, job.output.name):  # a restart after success: nothing to do
+            return result_path(job.paths.output, job.output.name)
+        ctx = start_run(job, options, world)
+        try:
+            with Preemption() as preemption:
+                # 1. Load: tokenizer and every data row first, so bad data fails before the model loads.
+                model_path = local_model_path(job.paths.model)
+                tokenizer = load_tokenizer(model_path)
+                splits = load_splits(
+                    job.paths.training,
+                    job.paths.validation,
+                    tokenizer,
+                    section.training.max_seq_length,
+                    section.dataset.prompt_template,
+                    ctx.seed,
+                )
+                seed_everything(ctx.seed)  # same seed on every rank: identical LoRA init before sharding
+                model = load_causal_lm(model_path, torch.float32)
+
+                # 2. Setup: adapter or full weights, device, FSDP2, optimizer; resume if a checkpoint exists.
+                lora = lora_settings(section)
+                if lora is not None:
+                    model = add_lora(model, lora["rank"], lora["alpha"], lora["target_modules"])
+                model.config.use_cache = False  # type: ignore[union-attr]
+                model.to(world.device)
+                if world.distributed:
+                    model = shard(model, world)
+                engine = Engine(ctx, model, _loss(world.device), splits, pad_id(tokenizer), lora is not None)
+                trainable, total = count_parameters(model)
+                for warning in splits.warnings:
+                    engine.note(f"warning: {warning}")
+                engine.note(f"trainable parameters: {trainable:,} of {total:,}")
+                engine.resume()
+
+                # 3. Train.
+                result = engine.train(preemption)
+
+                # 4. Save: gather the weights, write adapter or model + tokenizer + kubetune.json.
+                folder = save_output(ctx, model, tokenizer, result, model_path)
+                engine.note(f"result written to {folder}", kind="end")
+                return folder
+        finally:
+            # 5. Cleanup.
+            ctx.reporter.close()
+    finally:
+        shutdown(world)
+
+
+def _loss(device: torch.device) -> LossFn:
+    def loss(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        logits = model(**batch.model_inputs(device)).logits
+        return cross_entropy_sum(logits, batch.labels.to(device)), {}
+
+    return loss

@@ -1,0 +1,95 @@
+"""Write the job's result so that plain transformers/peft load it.
+
+Backend-neutral. The result goes to `<output>/<output name>/`:
+
+- `adapter`: a PEFT adapter folder (`adapter_model.safetensors`, `adapter_config.json`),
+  plus the tokenizer; load with `PeftModel.from_pretrained(base, folder)`.
+- `model` (merged LoRA or full weights): safetensors weights, config, tokenizer; load
+  with `AutoModelForCausalLM.from_pretrained(folder)`.
+
+Both get `kubetune.json` (base model, job, training settings, final metrics). The folder
+is written as `.<name>.partial` and renamed when complete, so a result folder that exists
+is a finished result: a restarted job that finds it has nothing left to do.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from kubetune_trainer import __version__
+from kubetune_trainer.models import add_lora, load_causal_lm
+
+RESULT_FILE = "kubetune.json"
+
+
+def result_path(output_root: str | Path, name: str) -> Path:
+    return Path(output_root) / name
+
+
+def finished(output_root: str | Path, name: str) -> bool:
+    return (result_path(output_root, name) / RESULT_FILE).is_file()
+
+
+def build_result_model(
+    base_path: str,
+    trained: dict[str, torch.Tensor],
+    lora: dict[str, Any] | None,
+    merge: bool,
+) -> nn.Module:
+    """A fresh CPU model holding the trained weights: a PeftModel, or plain weights.
+
+    `trained` is the full (unsharded) state dict of the trained parameters, keyed as the
+    training model names them: LoRA weights only for LoRA runs, everything for full runs.
+    """
+    model = load_causal_lm(base_path, torch.float32)
+    if lora is None:
+        _, unexpected = model.load_state_dict(trained, strict=False)
+        if unexpected:
+            raise RuntimeError(f"trained weights do not fit the base model: unexpected {unexpected[:5]}")
+        return model
+    peft_model = add_lora(model, lora["rank"], lora["alpha"], lora["target_modules"])
+    _, unexpected = peft_model.load_state_dict(trained, strict=False)
+    if unexpected:
+        raise RuntimeError(f"trained adapter does not fit the base model: unexpected {unexpected[:5]}")
+    if merge:
+        merged: nn.Module = peft_model.merge_and_unload()  # type: ignore[operator]
+        return merged
+    return peft_model
+
+
+def write_result(
+    model: nn.Module,
+    tokenizer: Any,
+    output_root: str | Path,
+    name: str,
+    info: dict[str, Any],
+) -> Path:
+    """Save model (or adapter) + tokenizer + kubetune.json atomically; return the folder."""
+    final = result_path(output_root, name)
+    partial = final.parent / f".{name}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    model.save_pretrained(partial, safe_serialization=True)  # type: ignore[operator]
+    tokenizer.save_pretrained(partial)
+    record = {
+        "kubetune_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **info,
+    }
+    (partial / RESULT_FILE).write_text(json.dumps(record, indent=2, default=str) + "\n", encoding="utf-8")
+    if final.exists():
+        shutil.rmtree(final)
+    partial.rename(final)
+    return final
+
+
+def read_result(folder: str | Path) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads((Path(folder) / RESULT_FILE).read_text(encoding="utf-8"))
+    return data

@@ -47,6 +47,9 @@ class Case:
     manifest: dict[str, Any]
     path: str | None
     rule: str | None = None
+    server: bool = True
+    """False where the API server cannot enforce the row (an untyped field, invisible to CEL):
+    the operator's validator (webhook, reconcile) refuses it instead."""
 
     @property
     def valid(self) -> bool:
@@ -250,6 +253,7 @@ RULE_CASES: list[Case] = [
         "checkpointing-maybe",
         unsloth(training={"use_gradient_checkpointing": "maybe"}),
         "spec.unsloth.training.use_gradient_checkpointing",
+        server=False,
     ),
     # --- GPU list
     Case("gpus-0-1", unsloth(hardware={"gpus": "0,1"}), None),

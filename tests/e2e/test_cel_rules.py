@@ -19,7 +19,7 @@ from .controlplane import ControlPlane
 
 pytestmark = pytest.mark.e2e
 
-_INVALID = re.compile(r"^\s*(?:\* )?(spec(?:\.[A-Za-z0-9_]+|\[\d+\])*): (.*)$", re.M)
+_INVALID = re.compile(r"(?:^|\s)(spec(?:\.[A-Za-z0-9_]+|\[\d+\])*): ")
 _UNKNOWN = re.compile(r'unknown field "([^"]+)"')
 
 
@@ -32,7 +32,7 @@ def _create(cp: ControlPlane, namespace: str, manifest: dict[str, object], dry_r
 
 
 def _refused_paths(output: str) -> list[str]:
-    paths = [match.group(1) for match in _INVALID.finditer(output)]
+    paths = _INVALID.findall(output)
     return paths + _UNKNOWN.findall(output)
 
 
@@ -47,6 +47,9 @@ def test_api_server_agrees_with_the_python_validator(
     control_plane: ControlPlane, cases_namespace: str, case: Case
 ) -> None:
     code, output = _create(control_plane, cases_namespace, case.manifest)
+    if not case.server:  # documented gap: the operator's validator refuses these rows
+        assert code == 0, output
+        return
     if case.valid:
         assert code == 0, output
         return

@@ -49,7 +49,7 @@ def openapi_schema(model: type[BaseModel]) -> dict[str, Any]:
     """The structural OpenAPI v3 schema of a model (no CEL rules yet)."""
     raw = model.model_json_schema(schema_generator=_FactoryDefaults)
     definitions = raw.pop("$defs", {})
-    return _convert(raw, definitions)
+    return _fill_nested_defaults(_convert(raw, definitions))
 
 
 def _convert(node: dict[str, Any], definitions: dict[str, Any]) -> dict[str, Any]:
@@ -94,21 +94,27 @@ def _convert_keywords(node: dict[str, Any], definitions: dict[str, Any]) -> dict
 
 
 def _mixed_type(options: list[dict[str, Any]], rest: dict[str, Any]) -> dict[str, Any]:
-    """A value of several JSON types (e.g. `"unsloth" | bool`): structural schemas cannot type it,
-    so the node preserves any value and a CEL rule admits exactly the allowed ones."""
-    allowed: list[str] = []
-    for option in options:
-        if option.get("type") == "boolean":
-            allowed += ["self == true", "self == false"]
-        elif "enum" in option:
-            allowed += [f"self == {json.dumps(v)}" for v in option["enum"]]
-        else:
-            raise ValueError(f"cannot express {option} in a structural schema")
+    """A value of several JSON types (e.g. `"unsloth" | bool`). A structural schema cannot type
+    it, and CEL cannot see an untyped field, so the API server accepts any value here; the
+    operator's validator (admission webhook and every reconcile) refuses the wrong ones."""
     words = " or ".join(json.dumps(v) for o in options for v in o.get("enum", [True, False]))
-    out = {k: v for k, v in rest.items() if k not in ("title",)}
+    out = {k: v for k, v in rest.items() if k != "title"}
+    out["description"] = f"{out.get('description', '')} One of {words}.".strip()
     out["x-kubernetes-preserve-unknown-fields"] = True
-    out["x-kubernetes-validations"] = [{"rule": " || ".join(allowed), "message": f"must be {words}"}]
     return out
+
+
+def _fill_nested_defaults(node: dict[str, Any]) -> dict[str, Any]:
+    """Replace each `default: {}` by the defaults of its fields.
+
+    The API server checks a default against the node's CEL rules as written, before it
+    applies nested defaults, so `{}` would fail rules that read its fields.
+    """
+    for child in node.get("properties", {}).values():
+        _fill_nested_defaults(child)
+    if node.get("default") == {} and "properties" in node:
+        node["default"] = {name: child["default"] for name, child in node["properties"].items() if "default" in child}
+    return node
 
 
 def _node(schema: dict[str, Any], dotted_path: str) -> dict[str, Any]:

@@ -25,16 +25,19 @@ from .procs import ControlPlaneError
 def control_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
     """A running control plane; see ``tests/e2e/controlplane.py:ControlPlane``."""
     stack = ExitStack()
+    error = ""
     try:
         bin_dir = find_bin_dir()
         cp = stack.enter_context(running(bin_dir, tmp_path_factory.mktemp("controlplane")))
         install_manifests(cp, crd_files())
     except ControlPlaneError as exc:
+        error = str(exc)
         stack.close()
-        pytest.fail(f"e2e control plane unavailable: {exc}", pytrace=False)
     except BaseException:  # KeyboardInterrupt during startup too: stop what started
         stack.close()
         raise
+    if error:  # outside the except block: one clean message, no exception chain
+        pytest.fail(f"e2e control plane unavailable: {error}", pytrace=False)
     saved = {k: os.environ.get(k) for k in ("KUBECONFIG", "PATH")}
     os.environ["KUBECONFIG"] = str(cp.kubeconfig)
     os.environ["PATH"] = f"{cp.bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"

@@ -32,7 +32,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 BUILD_SCRIPT = REPO_ROOT / "tools" / "controlplane" / "build.sh"
 BUILD_HINT = (
     "Build the control plane with `bash tools/controlplane/build.sh` (needs Go >= 1.26 and the Go "
-    "module proxy; about 15-20 min cold, cached afterwards) and/or set KUBETUNE_CP_BIN to the "
+    "module proxy; about 7-10 min cold, cached afterwards) and/or set KUBETUNE_CP_BIN to the "
     "directory it prints. See docs/testing.md."
 )
 BINARIES = ("etcd", "kube-apiserver", "kube-controller-manager", "kubectl")
@@ -342,13 +342,18 @@ def _debug_session(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--crds", action="store_true", help="also install crds/ and Kubeflow CRDs")
     args = parser.parse_args(argv)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="kubetune-cp-"))
-    # Turn SIGTERM/SIGHUP into a normal exit, so the finally blocks stop the processes.
+    # Ctrl-C even where SIGINT came in ignored (background job); SIGTERM/SIGHUP: a normal
+    # exit. Either way the finally blocks stop the processes.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, lambda *_: sys.exit(0))
     try:
         with running(find_bin_dir(), workdir.resolve()) as cp:
             if args.crds:
-                install_manifests(cp, crd_files())
+                try:
+                    install_manifests(cp, crd_files())
+                except ControlPlaneError as exc:  # keep it up: the refusal is worth debugging
+                    print(f"warning: {exc}", file=sys.stderr)
             print(f"control plane up: {cp.server} (logs in {cp.workdir})")
             print(f"export KUBECONFIG={cp.kubeconfig}   # admin (system:masters)")
             print(f"# unprivileged user: KUBECONFIG={cp.user_kubeconfig}")

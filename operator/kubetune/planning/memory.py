@@ -46,30 +46,24 @@ Formula (P = numParameters, W = world size = DP × TP × PP × CP, bytes per GiB
     overhead: CUDA context 1 GiB, NCCL 0.5 GiB when W > 1, and FSDP2's all-gathered 16-bit
               copy of two layers (current + prefetch) when DP·CP > 1: 2 · 2·(P/L)/t.
 
-Verdict against a GPU of G GiB: `fits` when estimate ≤ 90% of G (the allocator's
-fragmentation takes the rest); `cannot fit` when floor > G; `tight` otherwise. The message
-lists the changes that would help, each re-estimated (more GPUs, LoRA, 4-bit, an 8-bit
-optimizer, a smaller micro batch, gradient checkpointing, offloading the teacher).
+The verdict against the cluster's GPU size (fits / tight / cannot fit, with what to
+change) is in `kubetune.planning.memory_check`.
 
 Compared with the seed's "GPU Memory Guidelines" in tests/planning/test_memory.py.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
 
 from kubetune.api.automodel import LORA_FINETUNING_TYPES, AutomodelSpec
 from kubetune.api.resources import Backend, FileSetSpec, ModelSpec
 from kubetune.api.unsloth import UnslothSpec
 from kubetune.planning.layout import Layout
-from kubetune.planning.references import Finding
 
 GIB = 1024**3
-FITS_FRACTION = 0.9
-"""Above 90% of the GPU the allocator's fragmentation alone can run a job out of memory."""
 ASSUMED_VOCAB = 131072
 HIDDEN_PER_LAYER = 120
 """h / L of Llama-like models: 128 (1B, 8B), 110 (3B), 128 (13B), 102 (70B)."""
@@ -90,7 +84,6 @@ TEACHER_LOGIT_BYTES = 10
 CUDA_CONTEXT_GIB = 1.0
 NCCL_GIB = 0.5
 
-Verdict = Literal["fits", "tight", "cannot fit"]
 Checkpointing = Literal["none", "layers", "offload"]
 OptimizerKind = Literal["adamw", "adamw_8bit", "paged_adamw_8bit", "sgd"]
 PARTS = ("weights", "gradients", "optimizer", "activations", "teacher", "overhead")
@@ -154,10 +147,8 @@ class MemoryEstimate:
         for part in PARTS:
             note = self.notes.get(part, "")
             lines.append(f"  {part:<12}{getattr(self, part):7.1f} GiB  {note}".rstrip())
-        lines.append(
-            f"  {'floor':<12}{self.floor:7.1f} GiB  weights, gradients and optimizer states at 16-bit, "
-            "no activations: refused only above this"
-        )
+        floor_note = self.notes.get("floor", "")
+        lines.append(f"  {'floor':<12}{self.floor:7.1f} GiB  {floor_note}; refused only above this".rstrip())
         return "\n".join(lines)
 
 
@@ -194,21 +185,21 @@ def memory_inputs(
             teacher_bytes=4.0 if training.teacher_precision == "fp32" else 2.0,
             offload_teacher=training.offload_teacher,
         )
-    model, training = section.model, section.training
+    model, unsloth_training = section.model, section.training
     if model.load_in_4bit:
         base_bytes = 0.5
     elif model.load_in_8bit:
         base_bytes = 1.0
     else:
         base_bytes = 4.0 if model.dtype == "float32" else 2.0
-    gc = training.use_gradient_checkpointing
+    gc = unsloth_training.use_gradient_checkpointing
     optim = section.optimizer.optim
     return MemoryInputs(
         backend="unsloth",
         num_parameters=num_parameters,
-        full=training.finetuning_type == "all_weights",
-        lora_rank=training.lora.rank if training.lora else 0,
-        lora_share=_lora_share(training.lora.target_modules if training.lora else None),
+        full=unsloth_training.finetuning_type == "all_weights",
+        lora_rank=unsloth_training.lora.rank if unsloth_training.lora else 0,
+        lora_share=_lora_share(unsloth_training.lora.target_modules if unsloth_training.lora else None),
         base_bytes=base_bytes,
         quantized=model.load_in_4bit or model.load_in_8bit,
         optimizer="adamw" if optim.startswith("adamw_torch") else optim,  # type: ignore[arg-type]
@@ -261,51 +252,97 @@ def estimate(inputs: MemoryInputs, layout: Layout) -> MemoryEstimate:
     p = float(inputs.num_parameters)
     hidden, layers = _shape(p)
     world = layout.world_size
-    shard = float(world) if inputs.backend == "automodel" else 1.0
-    tp, pp, cp = layout.tensor_parallel_size, layout.pipeline_parallel_size, layout.context_parallel_size
-    adapter = 0.0 if inputs.full else inputs.lora_rank * ALL_LINEAR_WIDTH * hidden * layers * inputs.lora_share
     notes: dict[str, str] = {}
+    states = _states(inputs, layout, hidden, layers, notes)
+    acts = _activations(inputs, layout, hidden, layers, notes)
+    teacher, teacher_floor = _teacher(inputs, layout, notes)
+    notes["floor"] = (
+        "weights, gradients and optimizer states at 16-bit, no activations"
+        if inputs.backend == "automodel"
+        else "weights as loaded, gradients and optimizer states, no activations"
+    ) + (", teacher weights" if teacher_floor else "")
 
-    # weights, gradients, optimizer: (typical, floor) in bytes
+    overhead = CUDA_CONTEXT_GIB * GIB + (NCCL_GIB * GIB if world > 1 else 0.0)
+    if inputs.backend == "automodel" and layout.data_parallel_size * layout.context_parallel_size > 1:
+        # FSDP2 all-gathers each layer (and prefetches the next) in bf16, per TP shard.
+        overhead += 2 * 2.0 * (p / layers) / layout.tensor_parallel_size
+    notes["overhead"] = "CUDA context" + (", NCCL, FSDP2 all-gather buffers" if world > 1 else "")
+
+    return MemoryEstimate(
+        weights=states.weights / GIB,
+        gradients=states.gradients / GIB,
+        optimizer=states.optimizer / GIB,
+        activations=acts / GIB,
+        teacher=teacher / GIB,
+        overhead=overhead / GIB,
+        floor=(states.floor + teacher_floor) / GIB,
+        gpus=world if inputs.backend == "automodel" else 1,
+        notes=notes,
+        inputs=inputs,
+        layout=layout,
+    )
+
+
+@dataclass(frozen=True)
+class _States:
+    """Bytes per GPU of weights, gradients and optimizer states, and their floor."""
+
+    weights: float
+    gradients: float
+    optimizer: float
+    floor: float
+
+
+def _states(inputs: MemoryInputs, layout: Layout, hidden: float, layers: int, notes: dict[str, str]) -> _States:
+    p = float(inputs.num_parameters)
+    adapter = 0.0 if inputs.full else inputs.lora_rank * ALL_LINEAR_WIDTH * hidden * layers * inputs.lora_share
+    trained = p if inputs.full else adapter
+    notes["gradients"] = f"{_count(trained)} trained params"
     if inputs.backend == "automodel":
-        trained = p if inputs.full else adapter
+        shard = float(layout.world_size)
         base = 0.0 if inputs.full else 2.0 * p
-        weights, weights_floor = (base + 4.0 * trained) / shard, (base + 2.0 * trained) / shard
-        grads, grads_floor = 4.0 * trained / shard, 2.0 * trained / shard
-        optim, optim_floor = 8.0 * trained / shard, 4.0 * trained / shard
         notes["weights"] = (
             f"{_count(p)} params × 4 bytes (fp32 master, bf16 compute)"
             if inputs.full
             else f"{_count(p)} × 2 bytes (16-bit frozen base) + {_count(adapter)} LoRA params × 4 bytes"
-        ) + (f", FSDP2-sharded over {world} GPUs" if world > 1 else "")
+        ) + (f", FSDP2-sharded over {layout.world_size} GPUs" if layout.world_size > 1 else "")
         notes["optimizer"] = f"AdamW: 2 fp32 states × {_count(trained)} trained params"
-    else:
-        embeddings = min(2.0 * ASSUMED_VOCAB * hidden, p / 2) if inputs.quantized else 0.0
-        base_floor = inputs.base_bytes * p
-        base = inputs.base_bytes * (p - embeddings) + 2.0 * embeddings
-        trained_bytes = inputs.base_bytes if inputs.full else 4.0
-        trained = p if inputs.full else adapter
-        state_bytes = {"adamw": 2.0 * trained_bytes, "adamw_8bit": 2.0, "paged_adamw_8bit": 2.0, "sgd": 0.0}
-        weights = base if inputs.full else base + 4.0 * adapter
-        weights_floor = base_floor if inputs.full else base_floor + 2.0 * adapter
-        grads = trained_bytes * trained
-        grads_floor = grads if inputs.full else 2.0 * adapter
-        optim = state_bytes[inputs.optimizer] * trained
-        optim_floor = 0.0 if inputs.optimizer == "paged_adamw_8bit" else optim
-        load = {0.5: "4-bit", 1.0: "8-bit", 2.0: "16-bit", 4.0: "fp32"}[inputs.base_bytes]
-        notes["weights"] = f"{_count(p)} params loaded {load}" + (
-            "" if inputs.full else f" + {_count(adapter)} LoRA params × 4 bytes"
+        return _States(
+            weights=(base + 4.0 * trained) / shard,
+            gradients=4.0 * trained / shard,
+            optimizer=8.0 * trained / shard,
+            floor=(base + (2.0 + 2.0 + 4.0) * trained) / shard,
         )
-        notes["optimizer"] = f"{inputs.optimizer} on {_count(trained)} trained params"
-    notes["gradients"] = f"{_count(p if inputs.full else adapter)} trained params"
+    # unsloth: one GPU; bitsandbytes keeps the embeddings and lm_head in 16-bit
+    embeddings = min(2.0 * ASSUMED_VOCAB * hidden, p / 2) if inputs.quantized else 0.0
+    base = inputs.base_bytes * (p - embeddings) + 2.0 * embeddings
+    trained_bytes = inputs.base_bytes if inputs.full else 4.0  # PEFT keeps adapters in fp32
+    state_bytes = {"adamw": 2.0 * trained_bytes, "adamw_8bit": 2.0, "paged_adamw_8bit": 2.0, "sgd": 0.0}
+    optimizer = state_bytes[inputs.optimizer] * trained
+    load = {0.5: "4-bit", 1.0: "8-bit", 2.0: "16-bit", 4.0: "fp32"}[inputs.base_bytes]
+    notes["weights"] = f"{_count(p)} params loaded {load}" + (
+        "" if inputs.full else f" + {_count(adapter)} LoRA params × 4 bytes"
+    )
+    notes["optimizer"] = f"{inputs.optimizer} on {_count(trained)} trained params"
+    floor = 2.0 * inputs.base_bytes * p if inputs.full else inputs.base_bytes * p + 4.0 * adapter
+    # A paged optimizer's states can spill to host memory: they are no part of the floor.
+    floor += 0.0 if inputs.optimizer == "paged_adamw_8bit" else optimizer
+    return _States(
+        weights=base + (0.0 if inputs.full else 4.0 * adapter),
+        gradients=trained_bytes * trained,
+        optimizer=optimizer,
+        floor=floor,
+    )
 
-    # activations of one rank (bytes)
-    seq = inputs.seq_len / cp
-    tokens = seq * inputs.micro_batch
+
+def _activations(inputs: MemoryInputs, layout: Layout, hidden: float, layers: int, notes: dict[str, str]) -> float:
+    """Bytes of activations (and logits) one rank keeps for the backward pass."""
+    tp, pp = layout.tensor_parallel_size, layout.pipeline_parallel_size
+    tokens = inputs.seq_len / layout.context_parallel_size * inputs.micro_batch
     per_layer = tokens * hidden * (10.0 + 24.0 / tp)
     if inputs.checkpointing == "none":
-        in_flight = min(pp, layout.gradient_accumulation_steps)
-        acts = per_layer * (layers / pp) * in_flight
+        # 1F1B: stage 0 holds up to PP micro batches (never more than there are) of L/PP layers
+        acts = per_layer * (layers / pp) * min(pp, layout.gradient_accumulation_steps)
         how = "all kept"
     elif inputs.checkpointing == "layers":
         acts = 2.0 * tokens * hidden * layers + per_layer
@@ -318,37 +355,23 @@ def estimate(inputs: MemoryInputs, layout: Layout) -> MemoryEstimate:
         f"{inputs.seq_len} tokens × micro batch {inputs.micro_batch}, hidden ≈{hidden:.0f} × {layers} layers "
         f"({how}), logits over {ASSUMED_VOCAB} tokens"
     )
+    return acts
 
-    # teacher (distillation)
-    teacher = teacher_floor = 0.0
-    if inputs.teacher_parameters is not None:
-        t = float(inputs.teacher_parameters)
-        t_hidden, t_layers = _shape(t)
-        teacher_weights = inputs.teacher_bytes * t / (t_layers if inputs.offload_teacher else shard)
-        teacher = teacher_weights + tokens * ASSUMED_VOCAB * TEACHER_LOGIT_BYTES + tokens * t_hidden * 34.0
-        teacher_floor = 0.0 if inputs.offload_teacher else teacher_weights
-        notes["teacher"] = f"{_count(t)} params × {inputs.teacher_bytes:.0f} bytes" + (
-            ", offloaded (one layer on the GPU)" if inputs.offload_teacher else ""
-        )
 
-    overhead = CUDA_CONTEXT_GIB * GIB + (NCCL_GIB * GIB if world > 1 else 0.0)
-    if inputs.backend == "automodel" and layout.data_parallel_size * cp > 1:
-        overhead += 2 * 2.0 * (p / layers) / tp
-    notes["overhead"] = "CUDA context" + (", NCCL, FSDP2 all-gather buffers" if world > 1 else "")
-
-    return MemoryEstimate(
-        weights=weights / GIB,
-        gradients=grads / GIB,
-        optimizer=optim / GIB,
-        activations=acts / GIB,
-        teacher=teacher / GIB,
-        overhead=overhead / GIB,
-        floor=(weights_floor + grads_floor + optim_floor + teacher_floor) / GIB,
-        gpus=world if inputs.backend == "automodel" else 1,
-        notes=notes,
-        inputs=inputs,
-        layout=layout,
+def _teacher(inputs: MemoryInputs, layout: Layout, notes: dict[str, str]) -> tuple[float, float]:
+    """(bytes, floor bytes) of the frozen teacher of a distillation job."""
+    if inputs.teacher_parameters is None:
+        return 0.0, 0.0
+    t = float(inputs.teacher_parameters)
+    t_hidden, t_layers = _shape(t)
+    tokens = inputs.seq_len / layout.context_parallel_size * inputs.micro_batch
+    weights = inputs.teacher_bytes * t / (t_layers if inputs.offload_teacher else layout.world_size)
+    # no_grad forward: one layer's working set, then its logits and the two KD softmaxes
+    working = tokens * t_hidden * 34.0 + tokens * ASSUMED_VOCAB * TEACHER_LOGIT_BYTES
+    notes["teacher"] = f"{_count(t)} params × {inputs.teacher_bytes:.0f} bytes" + (
+        ", offloaded (one layer on the GPU)" if inputs.offload_teacher else ""
     )
+    return weights + working, 0.0 if inputs.offload_teacher else weights
 
 
 def _shape(params: float) -> tuple[float, int]:
@@ -362,209 +385,3 @@ def _count(n: float) -> str:
         if n >= size:
             return f"{n / size:.1f}{unit}"
     return f"{n:.0f}"
-
-
-# --------------------------------------------------------------------------- verdict
-
-
-@dataclass(frozen=True)
-class MemoryCheck:
-    """The estimate against the cluster's GPU memory size (KUBETUNE_GPU_MEMORY_GIB)."""
-
-    verdict: Verdict
-    message: str
-    estimate: MemoryEstimate
-    gpu_memory_gib: float
-    suggestions: tuple[str, ...] = ()
-
-    @property
-    def refuse(self) -> bool:
-        return self.verdict == "cannot fit"
-
-    @property
-    def warn(self) -> bool:
-        return self.verdict == "tight"
-
-    @property
-    def reason(self) -> str:
-        """CamelCase reason for a condition or an event."""
-        return {"fits": "MemoryFits", "tight": "MemoryTight", "cannot fit": "MemoryCannotFit"}[self.verdict]
-
-    def finding(self) -> Finding | None:
-        """An error (refuse) or warning (tight) at the backend section; None when it fits."""
-        if self.verdict == "fits":
-            return None
-        backend = self.estimate.inputs.backend if self.estimate.inputs else "automodel"
-        return Finding(f"spec.{backend}", self.message, self.reason)
-
-
-Change = Callable[[MemoryInputs, Layout], "tuple[str, MemoryInputs, Layout] | None"]
-"""A change a user can make: (what to write, the inputs and layout after it), or None if n/a."""
-
-
-def check_memory(estimate: MemoryEstimate, gpu_memory_gib: float) -> MemoryCheck:
-    """fits / tight (warn) / cannot fit (refuse), with the changes that would help."""
-    if gpu_memory_gib <= 0:
-        raise ValueError(f"gpu_memory_gib must be positive, got {gpu_memory_gib}")
-    total, floor, gpu = estimate.total, estimate.floor, gpu_memory_gib
-    if total <= FITS_FRACTION * gpu:
-        return MemoryCheck("fits", f"estimated {total:.1f} GiB per GPU fits GPUs of {gpu:g} GiB", estimate, gpu)
-    verdict: Verdict = "cannot fit" if floor > gpu else "tight"
-    suggestions = tuple(_suggestions(estimate, gpu, verdict))
-    advice = "; ".join(suggestions) or "use GPUs with more memory"
-    if verdict == "cannot fit":
-        message = (
-            f"cannot fit: the weights, gradients and optimizer states alone need at least {floor:.1f} GiB per GPU, "
-            f"more than a {gpu:g} GiB GPU has (estimated {total:.1f} GiB with activations). Change: {advice}"
-        )
-    else:
-        message = (
-            f"estimated {total:.1f} GiB per GPU is more than {FITS_FRACTION:.0%} of a {gpu:g} GiB GPU, so the job "
-            f"may run out of memory (the weights, gradients and optimizer states need at least {floor:.1f} GiB). "
-            f"To lower it: {advice}"
-        )
-    return MemoryCheck(verdict, message, estimate, gpu, suggestions)
-
-
-def _metric(e: MemoryEstimate, verdict: Verdict) -> float:
-    return e.floor if verdict == "cannot fit" else e.total
-
-
-def _fits(e: MemoryEstimate, gpu: float, verdict: Verdict) -> bool:
-    return e.floor <= gpu if verdict == "cannot fit" else e.total <= FITS_FRACTION * gpu
-
-
-def _suggestions(current: MemoryEstimate, gpu: float, verdict: Verdict) -> list[str]:
-    if current.inputs is None or current.layout is None:
-        return []
-    scored: list[tuple[bool, float, str]] = []
-    for change in _CHANGES:
-        changed = change(current.inputs, current.layout)
-        if changed is None:
-            continue
-        text, inputs, layout = changed
-        after = estimate(inputs, layout)
-        if _metric(after, verdict) < _metric(current, verdict) - 0.05:
-            fits = _fits(after, gpu, verdict)
-            what = "fits" if fits else "still too much"
-            scored.append((not fits, _metric(after, verdict), f"{text} (≈{after.total:.1f} GiB per GPU, {what})"))
-    more = _more_gpus(current, gpu, verdict)
-    if more is not None:
-        scored.append((False, 0.0, more))
-    return [text for _, _, text in sorted(scored)]
-
-
-def _more_gpus(current: MemoryEstimate, gpu: float, verdict: Verdict) -> str | None:
-    """The smallest automodel world (a multiple of TP×PP×CP) that fits, if any up to 4096 GPUs."""
-    inputs, layout = current.inputs, current.layout
-    if inputs is None or layout is None or inputs.backend != "automodel":
-        return None
-    model_parallel = layout.world_size // layout.data_parallel_size
-    for dp in range(layout.data_parallel_size + 1, 4096 // model_parallel + 1):
-        world = dp * model_parallel
-        bigger = dataclasses.replace(layout, data_parallel_size=dp, world_size=world, total_gpus=world)
-        if _fits(estimate(inputs, bigger), gpu, verdict):
-            return (
-                f"more GPUs: at least {world} (parallelism.num_nodes × num_gpus_per_node, now {layout.world_size}; "
-                "keep global_batch_size divisible by micro_batch_size × data_parallel_size)"
-            )
-    return None
-
-
-def _lora(i: MemoryInputs, layout: Layout) -> tuple[str, MemoryInputs, Layout] | None:
-    if not i.full:
-        return None
-    if i.backend == "automodel":
-        return (
-            "training.finetuning_type: lora",
-            dataclasses.replace(i, full=False, lora_rank=16, lora_share=1.0),
-            layout,
-        )
-    qlora = dataclasses.replace(i, full=False, lora_rank=16, lora_share=1.0, base_bytes=0.5, quantized=True)
-    return "training.finetuning_type: lora with model.load_in_4bit: true", qlora, layout
-
-
-def _four_bit(i: MemoryInputs, layout: Layout) -> tuple[str, MemoryInputs, Layout] | None:
-    if i.backend != "unsloth" or i.full or i.base_bytes == 0.5:
-        return None
-    return "model.load_in_4bit: true", dataclasses.replace(i, base_bytes=0.5, quantized=True), layout
-
-
-def _unsloth_qlora(i: MemoryInputs, layout: Layout) -> tuple[str, MemoryInputs, Layout] | None:
-    if i.backend != "automodel" or layout.world_size > 1 or i.teacher_parameters is not None:
-        return None
-    qlora = dataclasses.replace(
-        i,
-        backend="unsloth",
-        full=False,
-        lora_rank=i.lora_rank or 16,
-        lora_share=1.0 if i.full else i.lora_share,
-        base_bytes=0.5,
-        quantized=True,
-        optimizer="adamw_8bit",
-        checkpointing="offload",
-        fused_loss=True,
-    )
-    return "the unsloth backend with load_in_4bit: true (QLoRA on one GPU)", qlora, layout
-
-
-def _eight_bit_optimizer(i: MemoryInputs, layout: Layout) -> tuple[str, MemoryInputs, Layout] | None:
-    if i.backend != "unsloth" or i.optimizer not in ("adamw", "adamw_8bit"):
-        return None
-    return "optimizer.optim: paged_adamw_8bit", dataclasses.replace(i, optimizer="paged_adamw_8bit"), layout
-
-
-def _micro_batch(i: MemoryInputs, layout: Layout) -> tuple[str, MemoryInputs, Layout] | None:
-    if i.micro_batch == 1:
-        return None
-    field_name = "batch.micro_batch_size" if i.backend == "automodel" else "batch.per_device_train_batch_size"
-    return f"{field_name}: 1 (more gradient accumulation instead)", dataclasses.replace(i, micro_batch=1), layout
-
-
-def _checkpointing(i: MemoryInputs, layout: Layout) -> tuple[str, MemoryInputs, Layout] | None:
-    if i.backend != "unsloth" or i.checkpointing == "offload":
-        return None
-    return "training.use_gradient_checkpointing: unsloth", dataclasses.replace(i, checkpointing="offload"), layout
-
-
-def _shorter_sequences(i: MemoryInputs, layout: Layout) -> tuple[str, MemoryInputs, Layout] | None:
-    if i.seq_len <= 1024:
-        return None
-    field_name = "training.max_seq_length" if i.backend == "automodel" else "model.max_seq_length"
-    return f"{field_name}: {i.seq_len // 2}", dataclasses.replace(i, seq_len=i.seq_len // 2), layout
-
-
-def _offload_teacher(i: MemoryInputs, layout: Layout) -> tuple[str, MemoryInputs, Layout] | None:
-    if i.teacher_parameters is None or i.offload_teacher:
-        return None
-    return "training.offload_teacher: true", dataclasses.replace(i, offload_teacher=True), layout
-
-
-def _teacher_bf16(i: MemoryInputs, layout: Layout) -> tuple[str, MemoryInputs, Layout] | None:
-    if i.teacher_parameters is None or i.teacher_bytes <= 2.0:
-        return None
-    return "training.teacher_precision: bf16", dataclasses.replace(i, teacher_bytes=2.0), layout
-
-
-_CHANGES: tuple[Change, ...] = (
-    _lora,
-    _four_bit,
-    _unsloth_qlora,
-    _eight_bit_optimizer,
-    _micro_batch,
-    _checkpointing,
-    _offload_teacher,
-    _teacher_bf16,
-    _shorter_sequences,
-)
-
-
-def memory_report(estimate: MemoryEstimate | None, gpu_memory_gib: float | None) -> dict[str, Any] | None:
-    """status.memoryEstimate: the estimate, plus the verdict when the GPU size is configured."""
-    if estimate is None:
-        return None
-    status: dict[str, Any] = dict(estimate.as_status())
-    if gpu_memory_gib is not None:
-        check = check_memory(estimate, gpu_memory_gib)
-        status.update(gpuMemoryGiB=gpu_memory_gib, verdict=check.verdict, message=check.message)
-    return status

@@ -29,7 +29,6 @@ from .certs import Certs, generate_certs
 from .procs import ControlPlaneError, Process, free_port, log_tails, wait_http
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-BUILD_SCRIPT = REPO_ROOT / "tools" / "controlplane" / "build.sh"
 BUILD_HINT = (
     "Build the control plane with `bash tools/controlplane/build.sh` (needs Go >= 1.26 and the Go "
     "module proxy; about 7-10 min cold, cached afterwards) and/or set KUBETUNE_CP_BIN to the "
@@ -274,8 +273,7 @@ def _start_all(stack: ExitStack, bin_dir: Path, workdir: Path) -> ControlPlane:
     # The serviceaccount controller creating `default/default` proves that KCM works.
     deadline = time.monotonic() + START_TIMEOUT_S
     while True:
-        res = cp.kubectl("get", "serviceaccount", "default", "-n", "default", "--ignore-not-found",
-                         "-o", "name")  # fmt: skip
+        res = cp.kubectl("get", "serviceaccount", "default", "-n", "default", "--ignore-not-found", "-o", "name")
         if res.returncode == 0 and res.stdout.strip():
             return cp
         apiserver.check_alive()

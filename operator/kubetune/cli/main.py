@@ -32,8 +32,17 @@ def _parser() -> argparse.ArgumentParser:
     render = commands.add_parser("render", help="print the child objects the operator would create (dry run)")
     render.add_argument("files", nargs="+", metavar="FILE", help="the job with its Models and FileSets")
 
+    commands.add_parser("operator", help="run the operator (kopf) against the current kubeconfig or in-cluster")
+
     crds = commands.add_parser("crds", help="print the CustomResourceDefinitions as YAML")
     crds.add_argument("--out-dir", type=Path, help="write one file per CRD into this folder instead")
+
+    run = commands.add_parser("run", help="run a CustomizationJob on this machine (no cluster)")
+    run.add_argument("files", nargs="+", metavar="FILE", help="the job and its Models/FileSets (multi-document YAML)")
+    run.add_argument("--job", help="the CustomizationJob to run when the input holds several")
+    run.add_argument("--output", help="run folder (default runs/<namespace>/<job>)")
+    run.add_argument("--fresh", action="store_true", help="delete the run folder first instead of resuming")
+    run.add_argument("--no-sample", action="store_true", help="skip the before/after generation")
     return parser
 
 
@@ -44,11 +53,29 @@ def main(argv: list[str] | None = None) -> int:
             return run_validate(load_files(args.files), args.output, sys.stdout)
         if args.command == "render":
             return run_render(load_files(args.files), sys.stdout, sys.stderr)
+        if args.command == "operator":
+            # Imported here: kopf and the kubernetes client are the operator extra's, not the CLI's.
+            from kubetune.handlers.operator import run as run_operator
+            from kubetune.handlers.settings import SettingsError
+
+            try:
+                run_operator()
+            except SettingsError as error:
+                print(f"kubetune operator: {error}", file=sys.stderr)
+                return EXIT_USAGE
+            except KeyboardInterrupt:
+                pass
+            return 0
         if args.command == "schema":
             model = AutomodelSpec if args.backend == "automodel" else UnslothSpec
             schema = openapi_schema(model) if args.openapi else model.model_json_schema()
             print(json.dumps(schema, indent=2))
             return 0
+        if args.command == "run":
+            from kubetune.cli.run import run_command
+
+            documents = load_files(args.files)
+            return run_command(documents, args.job, args.output, args.fresh, not args.no_sample, sys.stdout)
         if args.command == "crds":
             definitions = custom_resource_definitions()
             if args.out_dir is None:

@@ -36,6 +36,8 @@ class OperatorSettings:
     """How often a job waiting for a missing Model/FileSet re-checks, besides the watch on them."""
     peering: str = "kubetune"
     """kopf peering object: only one operator replica acts at a time."""
+    verbose: bool = False
+    """Log every handler call (KUBETUNE_VERBOSE=true)."""
 
 
 def _int(env: Mapping[str, str], name: str, default: int) -> int:
@@ -92,4 +94,5 @@ def settings_from_env(env: Mapping[str, str] | None = None) -> OperatorSettings:
         webhook_port=_int(env, "KUBETUNE_WEBHOOK_PORT", 9443),
         reference_retry_seconds=_float(env, "KUBETUNE_REFERENCE_RETRY_SECONDS", 30.0) or 30.0,
         peering=env.get("KUBETUNE_PEERING", "kubetune"),
+        verbose=_bool(env, "KUBETUNE_VERBOSE", False),
     )

@@ -131,6 +131,7 @@ def register(registry: kopf.OperatorRegistry, config: OperatorSettings) -> None:
         settings.persistence.finalizer = "kubetune.io/finalizer"
         settings.posting.level = logging.WARNING
         settings.watching.server_timeout = 300
+        settings.peering.lifetime = config.peering_lifetime_seconds
         if config.webhook:
             settings.admission.server = kopf.WebhookServer(
                 addr="0.0.0.0", port=config.webhook_port, host=config.webhook_host

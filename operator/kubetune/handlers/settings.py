@@ -36,6 +36,9 @@ class OperatorSettings:
     """How often a job waiting for a missing Model/FileSet re-checks, besides the watch on them."""
     peering: str = "kubetune"
     """kopf peering object: only one operator replica acts at a time."""
+    peering_lifetime_seconds: int = 60
+    """How long a replica's peering record lives without a keep-alive (KUBETUNE_PEERING_LIFETIME):
+    a standby replica takes over at most this long after the active one dies (kopf's default)."""
     verbose: bool = False
     """Log every handler call (KUBETUNE_VERBOSE=true)."""
 
@@ -94,5 +97,6 @@ def settings_from_env(env: Mapping[str, str] | None = None) -> OperatorSettings:
         webhook_port=_int(env, "KUBETUNE_WEBHOOK_PORT", 9443),
         reference_retry_seconds=_float(env, "KUBETUNE_REFERENCE_RETRY_SECONDS", 30.0) or 30.0,
         peering=env.get("KUBETUNE_PEERING", "kubetune"),
+        peering_lifetime_seconds=_int(env, "KUBETUNE_PEERING_LIFETIME", 60),
         verbose=_bool(env, "KUBETUNE_VERBOSE", False),
     )

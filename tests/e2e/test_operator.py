@@ -1,0 +1,358 @@
+"""The operator end to end: `kubetune operator` as a process against the real API server.
+
+There is no kubelet or training-operator here, so the tests play their part through the
+API: they set the PyTorchJob's / Job's status and create pods with the status a kubelet
+would report, exactly the objects the operator reads.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .controlplane import ControlPlane
+from .operator_process import OperatorProcess, get_json, install_peering, operator_process, wait_for
+
+pytestmark = pytest.mark.e2e
+
+GV = "kubetune.io/v1alpha1"
+
+
+def model(name: str, **spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": GV,
+        "kind": "Model",
+        "metadata": {"name": name},
+        "spec": {"source": {"hostPath": {"path": f"/models/{name}"}}, **spec},
+    }
+
+
+def fileset(name: str) -> dict[str, Any]:
+    return {
+        "apiVersion": GV,
+        "kind": "FileSet",
+        "metadata": {"name": name},
+        "spec": {"source": {"pvc": {"claimName": "datasets", "path": f"/{name}.jsonl"}}},
+    }
+
+
+def automodel_job(name: str, **section: Any) -> dict[str, Any]:
+    body = {
+        "model": "base",
+        "dataset": {"training": "train"},
+        "parallelism": {"num_nodes": 2, "num_gpus_per_node": 2},
+        "batch": {"global_batch_size": 8, "micro_batch_size": 1},
+        **section,
+    }
+    return {"apiVersion": GV, "kind": "CustomizationJob", "metadata": {"name": name}, "spec": {"automodel": body}}
+
+
+def unsloth_job(name: str) -> dict[str, Any]:
+    return {
+        "apiVersion": GV,
+        "kind": "CustomizationJob",
+        "metadata": {"name": name},
+        "spec": {
+            "unsloth": {"model": {"name": "base"}, "dataset": {"path": "train"}, "output": {"name": f"{name}-adapter"}}
+        },
+    }
+
+
+def apply(cp: ControlPlane, namespace: str, *objects: dict[str, Any]) -> None:
+    for obj in objects:
+        cp.kubectl("apply", "-n", namespace, "-f", "-", stdin=json.dumps(obj), check=True)
+
+
+def job_status(cp: ControlPlane, namespace: str, name: str) -> dict[str, Any]:
+    job = get_json(cp, "ctj", name, "-n", namespace) or {}
+    status: dict[str, Any] = job.get("status") or {}
+    return status
+
+
+def wait_phase(cp: ControlPlane, namespace: str, name: str, phase: str, timeout: float = 30) -> dict[str, Any]:
+    return wait_for(
+        f"job {name} to reach {phase}",
+        lambda: (s := job_status(cp, namespace, name)).get("phase") == phase and s,
+        timeout=timeout,
+    )
+
+
+def conditions(status: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {c["type"]: c for c in status.get("conditions", [])}
+
+
+def set_status(cp: ControlPlane, namespace: str, kind: str, name: str, status: dict[str, Any]) -> None:
+    cp.kubectl(
+        "patch",
+        kind,
+        name,
+        "-n",
+        namespace,
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        json.dumps({"status": status}),
+        check=True,
+    )
+
+
+def add_pod(cp: ControlPlane, namespace: str, job: str, pod: str, status: dict[str, Any]) -> None:
+    manifest = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": pod, "labels": {"app.kubernetes.io/managed-by": "kubetune", "kubetune.io/job": job}},
+        "spec": {"containers": [{"name": "pytorch", "image": "trainer:test"}]},
+    }
+    apply(cp, namespace, manifest)
+    set_status(cp, namespace, "pod", pod, status)
+
+
+PYTORCHJOB_RUNNING = {
+    "conditions": [
+        {
+            "type": "Created",
+            "status": "True",
+            "reason": "PyTorchJobCreated",
+            "lastTransitionTime": "2026-01-01T00:00:00Z",
+        },
+        {
+            "type": "Running",
+            "status": "True",
+            "reason": "PyTorchJobRunning",
+            "message": "running",
+            "lastTransitionTime": "2026-01-01T00:00:05Z",
+        },
+    ]
+}
+
+
+@pytest.fixture(scope="module")
+def operator(control_plane: ControlPlane, tmp_path_factory: pytest.TempPathFactory) -> Iterator[OperatorProcess]:
+    install_peering(control_plane)
+    with operator_process(control_plane, tmp_path_factory.mktemp("operator") / "operator.log") as process:
+        yield process
+
+
+@pytest.fixture
+def refs(control_plane: ControlPlane, namespace: str) -> str:
+    apply(control_plane, namespace, model("base", tokenizer="llama3", numParameters=1_000_000_000), fileset("train"))
+    return namespace
+
+
+def test_automodel_job_launches_a_pytorchjob(control_plane: ControlPlane, operator: OperatorProcess, refs: str) -> None:
+    apply(control_plane, refs, automodel_job("lora"))
+    status = wait_phase(control_plane, refs, "lora", "Pending")
+    assert status["layout"]["totalGpus"] == 4 and status["layout"]["gradientAccumulationSteps"] == 2
+    assert conditions(status)["Launched"]["status"] == "True"
+    pytorchjob = get_json(control_plane, "pytorchjob", "lora-train", "-n", refs)
+    assert pytorchjob is not None, "the real PyTorchJob schema accepted what the operator rendered"
+    replicas = pytorchjob["spec"]["pytorchReplicaSpecs"]
+    assert (replicas["Master"]["replicas"], replicas["Worker"]["replicas"]) == (1, 1)
+    job_uid = get_json(control_plane, "ctj", "lora", "-n", refs)["metadata"]["uid"]  # type: ignore[index]
+    for kind, name in (
+        ("configmap", "lora-config"),
+        ("serviceaccount", "lora-trainer"),
+        ("role", "lora-progress"),
+        ("rolebinding", "lora-progress"),
+        ("pvc", "lora-output"),
+    ):
+        child = get_json(control_plane, kind, name, "-n", refs)
+        assert child is not None, f"{kind} {name} missing"
+        assert child["metadata"]["ownerReferences"][0]["uid"] == job_uid
+    header = control_plane.kubectl("get", "ctj", "lora", "-n", refs, check=True).stdout.split()
+    assert "automodel" in header and "Pending" in header
+
+
+def test_unsloth_job_launches_a_batch_job(control_plane: ControlPlane, operator: OperatorProcess, refs: str) -> None:
+    apply(control_plane, refs, unsloth_job("qlora"))
+    wait_phase(control_plane, refs, "qlora", "Pending")
+    job = get_json(control_plane, "job.batch", "qlora-train", "-n", refs)
+    assert job is not None
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    assert container["resources"]["limits"] == {"nvidia.com/gpu": "1"}
+
+
+def test_a_job_waits_for_a_missing_model_then_starts(
+    control_plane: ControlPlane, operator: OperatorProcess, namespace: str
+) -> None:
+    apply(control_plane, namespace, fileset("train"), automodel_job("waiting"))
+    status = wait_phase(control_plane, namespace, "waiting", "Created")
+    wait_for(
+        "the ReferencesResolved=False condition",
+        lambda: conditions(job_status(control_plane, namespace, "waiting")).get("ReferencesResolved"),
+    )
+    resolved = conditions(job_status(control_plane, namespace, "waiting"))["ReferencesResolved"]
+    assert resolved["status"] == "False" and "Model " + namespace + "/base does not exist yet" in resolved["message"]
+    assert get_json(control_plane, "pytorchjob", "waiting-train", "-n", namespace) is None
+    del status
+    apply(control_plane, namespace, model("base"))
+    wait_phase(control_plane, namespace, "waiting", "Pending", timeout=20)
+
+
+def test_reference_rules_fail_the_job_with_the_reason(
+    control_plane: ControlPlane, operator: OperatorProcess, namespace: str
+) -> None:
+    apply(
+        control_plane,
+        namespace,
+        model("base", tokenizer="llama3"),
+        model("teacher", tokenizer="qwen3"),
+        fileset("train"),
+        automodel_job("distill", training={"training_type": "distillation", "teacher_model": "teacher"}),
+    )
+    status = wait_phase(control_plane, namespace, "distill", "Failed")
+    validated = conditions(status)["Validated"]
+    assert (validated["status"], validated["reason"]) == ("False", "TokenizerMismatch")
+    assert "spec.automodel.training.teacher_model" in validated["message"]
+
+
+def test_child_status_drives_the_phase_and_oom_is_reported(
+    control_plane: ControlPlane, operator: OperatorProcess, refs: str
+) -> None:
+    apply(control_plane, refs, automodel_job("oom"))
+    wait_phase(control_plane, refs, "oom", "Pending")
+    set_status(control_plane, refs, "pytorchjob", "oom-train", PYTORCHJOB_RUNNING)
+    add_pod(control_plane, refs, "oom", "oom-train-master-0", {"phase": "Running"})
+    wait_phase(control_plane, refs, "oom", "Running")
+    add_pod(
+        control_plane,
+        refs,
+        "oom",
+        "oom-train-worker-0",
+        {
+            "phase": "Failed",
+            "containerStatuses": [
+                {
+                    "name": "pytorch",
+                    "image": "trainer:test",
+                    "imageID": "",
+                    "ready": False,
+                    "restartCount": 0,
+                    "state": {"terminated": {"exitCode": 137, "reason": "OOMKilled"}},
+                }
+            ],
+        },
+    )
+    set_status(
+        control_plane,
+        refs,
+        "pytorchjob",
+        "oom-train",
+        {
+            "conditions": [
+                *PYTORCHJOB_RUNNING["conditions"],
+                {
+                    "type": "Failed",
+                    "status": "True",
+                    "reason": "PyTorchJobFailed",
+                    "message": "worker 0 failed",
+                    "lastTransitionTime": "2026-01-01T00:01:00Z",
+                },
+            ]
+        },
+    )
+    status = wait_phase(control_plane, refs, "oom", "Failed")
+    failed = conditions(status)["Failed"]
+    assert failed["reason"] == "OOMKilled" and "oom-train-worker-0" in failed["message"]
+
+
+def test_success_creates_the_output_model(control_plane: ControlPlane, operator: OperatorProcess, refs: str) -> None:
+    apply(control_plane, refs, unsloth_job("done"))
+    wait_phase(control_plane, refs, "done", "Pending")
+    set_status(
+        control_plane,
+        refs,
+        "job.batch",
+        "done-train",
+        {
+            "conditions": [
+                {
+                    "type": "Complete",
+                    "status": "True",
+                    "lastProbeTime": "2026-01-01T00:00:00Z",
+                    "lastTransitionTime": "2026-01-01T00:00:00Z",
+                },
+                {
+                    "type": "SuccessCriteriaMet",
+                    "status": "True",
+                    "lastProbeTime": "2026-01-01T00:00:00Z",
+                    "lastTransitionTime": "2026-01-01T00:00:00Z",
+                },
+            ],
+            "startTime": "2026-01-01T00:00:00Z",
+            "completionTime": "2026-01-01T00:00:00Z",
+            "succeeded": 1,
+        },
+    )
+    status = wait_phase(control_plane, refs, "done", "Completed")
+    assert status["output"] == {"name": "done-adapter", "type": "adapter", "path": "/done-adapter"}
+    output = get_json(control_plane, "models.kubetune.io", "done-adapter", "-n", refs)
+    assert output is not None
+    assert output["spec"]["adapter"] == {"baseModel": "base"}
+    assert output["spec"]["source"] == {"pvc": {"claimName": "done-output", "path": "/done-adapter"}}
+    assert output["spec"]["tokenizer"] == "llama3"
+
+
+def test_suspend_and_resume(control_plane: ControlPlane, operator: OperatorProcess, refs: str) -> None:
+    apply(control_plane, refs, automodel_job("pause"))
+    wait_phase(control_plane, refs, "pause", "Pending")
+    control_plane.kubectl(
+        "patch", "ctj", "pause", "-n", refs, "--type=merge", "-p", '{"spec":{"suspend":true}}', check=True
+    )
+    wait_phase(control_plane, refs, "pause", "Suspended")
+    wait_for(
+        "runPolicy.suspend=true",
+        lambda: (
+            (get_json(control_plane, "pytorchjob", "pause-train", "-n", refs) or {})["spec"]["runPolicy"].get("suspend")
+            is True
+        ),
+    )
+    control_plane.kubectl(
+        "patch", "ctj", "pause", "-n", refs, "--type=merge", "-p", '{"spec":{"suspend":false}}', check=True
+    )
+    wait_phase(control_plane, refs, "pause", "Pending")
+    pytorchjob = get_json(control_plane, "pytorchjob", "pause-train", "-n", refs)
+    assert pytorchjob is not None and pytorchjob["spec"]["runPolicy"]["suspend"] is False
+
+
+def test_delete_cancels_and_garbage_collects(control_plane: ControlPlane, operator: OperatorProcess, refs: str) -> None:
+    apply(control_plane, refs, automodel_job("gone"))
+    wait_phase(control_plane, refs, "gone", "Pending")
+    control_plane.kubectl("delete", "ctj", "gone", "-n", refs, "--wait=true", "--timeout=30s", check=True)
+    for kind, name in (("pytorchjob", "gone-train"), ("configmap", "gone-config"), ("role", "gone-progress")):
+        wait_for(
+            f"{kind} {name} to be garbage-collected",
+            lambda kind=kind, name=name: get_json(control_plane, kind, name, "-n", refs) is None,
+            timeout=60,
+        )
+
+
+def test_a_killed_operator_creates_no_duplicates(
+    control_plane: ControlPlane, operator: OperatorProcess, refs: str, tmp_path: Path
+) -> None:
+    operator.kill()
+    try:
+        apply(control_plane, refs, automodel_job("restart"))
+        with operator_process(control_plane, tmp_path / "first.log") as first:
+            wait_for("the first children", lambda: get_json(control_plane, "configmap", "restart-config", "-n", refs))
+            first.kill()  # mid-reconcile or just after: either way
+        with operator_process(control_plane, tmp_path / "second.log"):
+            wait_phase(control_plane, refs, "restart", "Pending")
+            for kind in ("pytorchjob", "configmap", "serviceaccount", "role", "rolebinding", "pvc"):
+                items = (get_json(control_plane, kind, "-n", refs, "-l", "kubetune.io/job=restart") or {})["items"]
+                assert len(items) == 1, f"{len(items)} {kind}s for one job"
+    finally:
+        operator.start()
+
+
+def test_metrics(control_plane: ControlPlane, operator: OperatorProcess, refs: str) -> None:
+    apply(control_plane, refs, automodel_job("measured"))
+    wait_phase(control_plane, refs, "measured", "Pending")
+    text = operator.metrics()  # the latency is observed before the status that says Pending is written
+    assert "kubetune_launch_latency_seconds_count" in text
+    assert 'kubetune_jobs{backend="automodel",phase="Pending"}' in text
+    assert "kubetune_reconcile_duration_seconds_count" in text

@@ -27,14 +27,13 @@ REPORTER = textwrap.dedent(
     from kubetune_trainer.kube_status import ApiCredentials, KubernetesStatusReporter
     from kubetune_trainer.progress import ProgressEvent
 
-    server, token, ca, namespace, name, interval, steps = sys.argv[1:]
+    server, token, ca, namespace, name, interval, steps = sys.argv[1:8]
     reporter = KubernetesStatusReporter(namespace, name, ApiCredentials(server, token, ca), float(interval))
     for step in range(1, int(steps) + 1):
         reporter.report(ProgressEvent("step", step=step, max_steps=int(steps), epoch=step / int(steps),
-                                      loss=2.0 / step, lr=1e-4, tokens_per_second=1234.5, eta_seconds=10.0 * (int(steps) - step)))
-    if sys.argv[-1] != "no-close":
-        reporter.report(ProgressEvent("end", step=int(steps), max_steps=int(steps), epoch=1.0, loss=2.0 / int(steps)))
-        reporter.close()
+                                      loss=2.0 / step, lr=1e-4, tokens_per_second=1234.5, eta_seconds=1.0))
+    reporter.report(ProgressEvent("end", step=int(steps), max_steps=int(steps), epoch=1.0, loss=2.0 / int(steps)))
+    reporter.close()
     print(json.dumps({"failures": reporter.failures}))
     """
 )

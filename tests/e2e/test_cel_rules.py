@@ -12,7 +12,7 @@ import re
 
 import pytest
 
-from kubetune.planning.rules import RULES
+from kubetune.planning.rules import IMMUTABLE_MESSAGE, RULES
 from tests.cases import RULE_CASES, UNKNOWN_FIELD_CASES, Case, automodel, unsloth
 
 from .controlplane import ControlPlane
@@ -86,3 +86,25 @@ def test_printer_columns(control_plane: ControlPlane, cases_namespace: str) -> N
     result = control_plane.kubectl("get", "ctj", "-n", cases_namespace, check=True)
     header = result.stdout.splitlines()[0].split()
     assert header == ["NAME", "BACKEND", "PHASE", "PROGRESS", "LOSS", "AGE"]
+
+
+def _apply(cp: ControlPlane, namespace: str, obj: dict[str, object]) -> tuple[int, str]:
+    result = cp.kubectl("apply", "-n", namespace, "-f", "-", stdin=json.dumps(obj))
+    return result.returncode, result.stdout + result.stderr
+
+
+def test_the_backend_section_is_immutable(control_plane: ControlPlane, cases_namespace: str) -> None:
+    namespace = cases_namespace
+    assert not control_plane.kubectl("get", "validatingwebhookconfigurations", "-o", "name").stdout.strip()
+    job = automodel()
+    job["metadata"]["name"] = "fixed"
+    assert _apply(control_plane, namespace, job)[0] == 0
+    changed = automodel(optimizer={"learning_rate": 1e-3})
+    changed["metadata"]["name"] = "fixed"
+    code, output = _apply(control_plane, namespace, changed)
+    assert code != 0 and IMMUTABLE_MESSAGE in output, output
+    swapped = {**job, "spec": {"unsloth": {"model": {"name": "base"}, "dataset": {"path": "train"}}}}
+    code, output = _apply(control_plane, namespace, swapped)
+    assert code != 0 and IMMUTABLE_MESSAGE in output, output
+    suspended = {**job, "spec": {**job["spec"], "suspend": True}}
+    assert _apply(control_plane, namespace, suspended)[0] == 0, "suspend stays mutable"

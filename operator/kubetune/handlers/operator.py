@@ -33,6 +33,7 @@ from kubetune.handlers.reconcile import (
 )
 from kubetune.handlers.settings import OperatorSettings, settings_from_env
 from kubetune.planning.lifecycle import condition, merge_conditions
+from kubetune.planning.rules import IMMUTABLE_MESSAGE, backend_changed
 
 log = logging.getLogger(__name__)
 
@@ -112,11 +113,8 @@ def register(registry: kopf.OperatorRegistry, config: OperatorSettings) -> None:
 
         def admit(body: kopf.Body, warnings: list[str], memo: kopf.Memo, **kwargs: Any) -> None:
             old = kwargs.get("old")  # kopf passes the old object on UPDATE
-            if old and old.get("spec") and _backend_changed(old, body):
-                raise kopf.AdmissionError(
-                    "the backend section cannot change after the job is created: delete the job and create a new one",
-                    code=422,
-                )
+            if old and old.get("spec") and backend_changed(old.get("spec"), body.get("spec")):
+                raise kopf.AdmissionError(IMMUTABLE_MESSAGE, code=422)
             report = validate_with_references(_op(memo).kube, manifest_of(body))
             if not report.valid:
                 metrics.VALIDATION_FAILURES.labels(reason=report.errors[0].reason).inc()
@@ -134,18 +132,18 @@ def register(registry: kopf.OperatorRegistry, config: OperatorSettings) -> None:
         settings.peering.lifetime = config.peering_lifetime_seconds
         if config.webhook:
             settings.admission.server = kopf.WebhookServer(
-                addr="0.0.0.0", port=config.webhook_port, host=config.webhook_host
+                addr="0.0.0.0",
+                port=config.webhook_port,
+                host=config.webhook_host,
+                certfile=config.webhook_cert_file,
+                pkeyfile=config.webhook_key_file,
+                cafile=config.webhook_ca_file,
             )
             settings.admission.managed = "validate.kubetune.io"
 
     kopf.on.startup(registry=registry)(startup)
     # kopf registers its credential sources on its default registry only; this one needs them too.
     kopf.on.login(registry=registry)(kopf.login_via_client)
-
-
-def _backend_changed(old: Mapping[str, Any], new: Mapping[str, Any]) -> bool:
-    old_spec, new_spec = old.get("spec") or {}, new.get("spec") or {}
-    return any(old_spec.get(b) != new_spec.get(b) for b in ("automodel", "unsloth"))
 
 
 def run(settings: OperatorSettings | None = None) -> None:

@@ -32,6 +32,11 @@ class OperatorSettings:
     webhook_host: str | None = None
     """Host name the API server uses to reach the webhook (the Service DNS name)."""
     webhook_port: int = 9443
+    webhook_cert_file: str | None = None
+    """Serving certificate (PEM) of the webhook and its key; the Helm chart mounts them from a Secret."""
+    webhook_key_file: str | None = None
+    webhook_ca_file: str | None = None
+    """CA that signed the serving certificate; written into the ValidatingWebhookConfiguration."""
     reference_retry_seconds: float = 30.0
     """How often a job waiting for a missing Model/FileSet re-checks, besides the watch on them."""
     peering: str = "kubetune"
@@ -95,6 +100,9 @@ def settings_from_env(env: Mapping[str, str] | None = None) -> OperatorSettings:
         webhook=_bool(env, "KUBETUNE_WEBHOOK", False),
         webhook_host=env.get("KUBETUNE_WEBHOOK_HOST") or None,
         webhook_port=_int(env, "KUBETUNE_WEBHOOK_PORT", 9443),
+        webhook_cert_file=env.get("KUBETUNE_WEBHOOK_CERT_FILE") or None,
+        webhook_key_file=env.get("KUBETUNE_WEBHOOK_KEY_FILE") or None,
+        webhook_ca_file=env.get("KUBETUNE_WEBHOOK_CA_FILE") or None,
         reference_retry_seconds=_float(env, "KUBETUNE_REFERENCE_RETRY_SECONDS", 30.0) or 30.0,
         peering=env.get("KUBETUNE_PEERING", "kubetune"),
         peering_lifetime_seconds=_int(env, "KUBETUNE_PEERING_LIFETIME", 60),

@@ -263,5 +263,18 @@ RULES: tuple[Rule, ...] = (
 RULES = (*RULES, *(replace(rule, kind="FileSet") for rule in RULES if rule.kind == "Model"))
 
 
+IMMUTABLE_MESSAGE = (
+    "the backend section cannot change once the job exists (the children run its configuration): "
+    "delete the job and create a new one"
+)
+"""The training configuration is immutable, like a Job's pod template: the CRD enforces it with a
+CEL transition rule on each backend section and the webhook compares old and new."""
+
+
+def backend_changed(old_spec: dict[str, object] | None, new_spec: dict[str, object] | None) -> bool:
+    old_spec, new_spec = old_spec or {}, new_spec or {}
+    return any(old_spec.get(backend) != new_spec.get(backend) for backend in ("automodel", "unsloth"))
+
+
 def rules_for(kind: Kind) -> tuple[Rule, ...]:
     return tuple(rule for rule in RULES if rule.kind == kind)

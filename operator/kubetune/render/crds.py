@@ -28,7 +28,7 @@ from kubetune.api.resources import (
     ModelSpec,
     ResourceStatus,
 )
-from kubetune.planning.rules import Kind, Rule, rules_for
+from kubetune.planning.rules import IMMUTABLE_MESSAGE, Kind, Rule, rules_for
 
 
 class _FactoryDefaults(GenerateJsonSchema):
@@ -139,6 +139,21 @@ def attach_rules(spec_schema: dict[str, Any], rules: tuple[Rule, ...]) -> dict[s
     return spec_schema
 
 
+def attach_immutability(spec_schema: dict[str, Any]) -> dict[str, Any]:
+    """Transition rules: a backend section, once there, neither changes nor goes away."""
+    for backend in ("automodel", "unsloth"):
+        spec_schema["properties"][backend].setdefault("x-kubernetes-validations", []).append(
+            {"rule": "self == oldSelf", "message": IMMUTABLE_MESSAGE}
+        )
+    spec_schema.setdefault("x-kubernetes-validations", []).append(
+        {
+            "rule": "has(self.automodel) == has(oldSelf.automodel) && has(self.unsloth) == has(oldSelf.unsloth)",
+            "message": IMMUTABLE_MESSAGE,
+        }
+    )
+    return spec_schema
+
+
 def _status_schema(model: type[BaseModel]) -> dict[str, Any]:
     schema = openapi_schema(model)
     # kopf keeps its handler progress under status; keep what we do not declare.
@@ -156,6 +171,8 @@ def _crd(
     description: str,
 ) -> dict[str, Any]:
     spec_schema = attach_rules(openapi_schema(spec_model), rules_for(kind))
+    if kind == "CustomizationJob":
+        attach_immutability(spec_schema)
     spec_schema["description"] = description
     return {
         "apiVersion": "apiextensions.k8s.io/v1",

@@ -8,6 +8,7 @@ would report, exactly the objects the operator reads.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -356,3 +357,25 @@ def test_metrics(control_plane: ControlPlane, operator: OperatorProcess, refs: s
     assert "kubetune_launch_latency_seconds_count" in text
     assert 'kubetune_jobs{backend="automodel",phase="Pending"}' in text
     assert "kubetune_reconcile_duration_seconds_count" in text
+
+
+def test_two_replicas_do_not_both_act(
+    control_plane: ControlPlane, operator: OperatorProcess, refs: str, tmp_path: Path
+) -> None:
+    with operator_process(control_plane, tmp_path / "second.log") as second:
+        # Both replicas register in the kopf peering object; the one with the lower priority stands by.
+        wait_for(
+            "two live peers",
+            lambda: len((get_json(control_plane, "clusterkopfpeering", "kubetune") or {}).get("status") or {}) == 2,
+        )
+        time.sleep(2)  # let each replica read the other's record
+        offsets = {id(p): p.log.stat().st_size for p in (operator, second)}
+        apply(control_plane, refs, automodel_job("peered"))
+        wait_phase(control_plane, refs, "peered", "Pending")
+        time.sleep(2)
+        acted = [
+            p
+            for p in (operator, second)
+            if "Handler 'launch' succeeded" in p.log.read_text(errors="replace")[offsets[id(p)] :]
+        ]
+        assert len(acted) == 1, "both replicas handled the job" if acted else "no replica handled the job"

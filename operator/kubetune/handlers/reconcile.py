@@ -146,7 +146,8 @@ def launch(op: Operator, body: Mapping[str, Any]) -> dict[str, Any]:
         if created_at:
             started = datetime.fromisoformat(str(created_at).replace("Z", "+00:00"))
             LAUNCH_LATENCY.observe(max(0.0, (datetime.now(UTC) - started).total_seconds()))
-    _sync_suspend(op, job)  # idempotent: spec.suspend may have changed since the last reconcile
+    if not created_any:  # new children carry spec.suspend already; old ones may predate a change
+        _sync_suspend(op, job)
     phase = status.get("phase") if status.get("phase") not in (None, "Created") else "Pending"
     if report.spec.suspend:
         phase = "Suspended"

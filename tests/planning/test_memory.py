@@ -124,11 +124,15 @@ def test_well_below_the_seed_table_warns_or_refuses(params: int, ft: str, gpus: 
 # --------------------------------------------------------------------------- directions
 
 
-def _pair(light: tuple[Any, float, float | None], heavy: tuple[Any, float, float | None]) -> tuple[Any, Any]:
+Case = tuple[AutomodelSpec | UnslothSpec, float, float | None]
+"""(backend section, numParameters, teacher numParameters)."""
+
+
+def _pair(light: Case, heavy: Case) -> tuple[MemoryEstimate, MemoryEstimate]:
     return estimate_of(*light), estimate_of(*heavy)
 
 
-COMPARISONS = {
+COMPARISONS: dict[str, tuple[Case, Case, str]] = {
     "unsloth 4-bit < automodel 16-bit LoRA": ((unsloth(), 8 * B, None), (automodel("lora"), 8 * B, None), "weights"),
     "unsloth 4-bit < unsloth 8-bit": (
         (unsloth(), 8 * B, None),

@@ -13,10 +13,10 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "fixtures"))
 
-import tiny_models  # noqa: E402
+import tiny_models
 
-from kubetune.planning.resolved import JobIdentity, ResolvedJob, ResolvedPaths, resolve  # noqa: E402
-from kubetune.planning.validation import validate_job  # noqa: E402
+from kubetune.planning.resolved import JobIdentity, ResolvedJob, ResolvedPaths, resolve
+from kubetune.planning.validation import validate_job
 
 # Keep test runs small and reproducible on the 2-core machines.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -84,6 +84,8 @@ def make_job(
 ) -> tuple[ResolvedJob, Path]:
     """Validate a CustomizationJob like the operator does, resolve it, write job.json."""
     automodel = merge(BASE_SPEC, spec or {})
+    if automodel["training"].get("finetuning_type") == "all_weights":
+        automodel["training"].pop("lora", None)  # a LoRA block with full weights is a validation error
     if teacher is not None:
         automodel["training"].setdefault("teacher_model", "teacher")
     manifest = {

@@ -18,6 +18,7 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -41,8 +42,13 @@ class Batch:
     num_label_tokens: int
     """Tokens that are predicted with loss (labels shifted by one)."""
 
-    def model_inputs(self, device: torch.device) -> dict[str, torch.Tensor]:
-        inputs = {"input_ids": self.input_ids.to(device), "position_ids": self.position_ids.to(device)}
+    def model_inputs(self, device: torch.device) -> dict[str, Any]:
+        # No KV cache: with one, transformers skips the packed-sequence (block-diagonal) mask.
+        inputs: dict[str, Any] = {
+            "input_ids": self.input_ids.to(device),
+            "position_ids": self.position_ids.to(device),
+            "use_cache": False,
+        }
         if self.attention_mask is not None:
             inputs["attention_mask"] = self.attention_mask.to(device)
         return inputs
@@ -162,9 +168,7 @@ def validation_batches(
     """
     per_rank = -(-len(sequences) // dp_size)
     mine = list(sequences[dp_rank::dp_size])
-    batches = [
-        collate(mine[i : i + micro_batch_size], pad_id, packed) for i in range(0, len(mine), micro_batch_size)
-    ]
+    batches = [collate(mine[i : i + micro_batch_size], pad_id, packed) for i in range(0, len(mine), micro_batch_size)]
     needed = -(-per_rank // micro_batch_size) if per_rank else 0
     while len(batches) < needed:
         batches.append(collate([sequences[0]], pad_id, packed, weight=False))

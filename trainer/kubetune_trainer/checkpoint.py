@@ -132,17 +132,19 @@ def load_rng(path: Path, rank: int) -> None:
 
 
 class Preemption:
-    """Records SIGTERM (and SIGUSR1, for tests and manual use) instead of dying at once."""
+    """Records SIGTERM, SIGUSR1 and a first Ctrl-C instead of dying at once (a second Ctrl-C stops now)."""
 
     def __init__(self) -> None:
         self.requested = False
         self.previous: dict[int, Callable[[int, FrameType | None], Any] | int | None] = {}
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if signum == signal.SIGINT and self.requested:
+            raise KeyboardInterrupt
         self.requested = True
 
     def __enter__(self) -> Preemption:
-        for signum in (signal.SIGTERM, signal.SIGUSR1):
+        for signum in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
             # Outside the main thread (e.g. a test runner thread) no handler can be installed.
             with contextlib.suppress(ValueError):
                 self.previous[signum] = signal.signal(signum, self._handle)

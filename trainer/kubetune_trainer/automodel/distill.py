@@ -135,9 +135,7 @@ def _loss(teacher: nn.Module, device: torch.device, offload: bool, ratio: float,
             if offload:
                 teacher.to("cpu")
         student_logits = model(**inputs).logits
-        total, kl, ce = distillation_sums(
-            student_logits, teacher_logits, batch.labels.to(device), ratio, temperature
-        )
+        total, kl, ce = distillation_sums(student_logits, teacher_logits, batch.labels.to(device), ratio, temperature)
         return total, {"kl": kl.detach(), "ce": ce.detach()}
 
     return loss

@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import random
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +48,9 @@ from kubetune_trainer.progress import (
 
 LossFn = Callable[[nn.Module, Batch], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 """(model, micro batch) -> (loss summed over label tokens, other sums to report)."""
+
+# A single process has no process group; DCP then saves and loads locally, as intended.
+warnings.filterwarnings("ignore", message="torch.distributed is (disabled, )?unavailable or uninitialized")
 
 MAX_GRAD_NORM = 1.0
 MIN_LR_RATIO = 0.1

@@ -134,7 +134,8 @@ PYTORCHJOB_RUNNING = {
 @pytest.fixture(scope="module")
 def operator(control_plane: ControlPlane, tmp_path_factory: pytest.TempPathFactory) -> Iterator[OperatorProcess]:
     install_peering(control_plane)
-    with operator_process(control_plane, tmp_path_factory.mktemp("operator") / "operator.log") as process:
+    log = tmp_path_factory.mktemp("operator") / "operator.log"
+    with operator_process(control_plane, log, KUBETUNE_GPU_MEMORY_GIB="80") as process:
         yield process
 
 
@@ -379,3 +380,22 @@ def test_two_replicas_do_not_both_act(
             if "Handler 'launch' succeeded" in p.log.read_text(errors="replace")[offsets[id(p)] :]
         ]
         assert len(acted) == 1, "both replicas handled the job" if acted else "no replica handled the job"
+
+
+def test_memory_preflight(control_plane: ControlPlane, operator: OperatorProcess, refs: str) -> None:
+    apply(control_plane, refs, automodel_job("small"))
+    status = wait_phase(control_plane, refs, "small", "Pending")
+    estimate = status["memoryEstimate"]
+    assert (estimate["verdict"], estimate["gpuMemoryGiB"]) == ("fits", 80.0)
+    assert conditions(status)["MemoryFits"]["status"] == "True"
+    apply(
+        control_plane,
+        refs,
+        model("huge", numParameters=70_000_000_000),
+        automodel_job("huge-full", model="huge", training={"finetuning_type": "all_weights"}),
+    )
+    status = wait_phase(control_plane, refs, "huge-full", "Failed")
+    failed = conditions(status)["Validated"]
+    assert failed["reason"] == "MemoryCannotFit" and "spec.automodel" in failed["message"]
+    assert status["memoryEstimate"]["verdict"] == "cannot fit"
+    assert get_json(control_plane, "pytorchjob", "huge-full-train", "-n", refs) is None

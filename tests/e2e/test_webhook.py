@@ -24,6 +24,7 @@ def webhook_operator(
     pki = control_plane.ca_path.parent  # the fixture's CA signed a serving cert for 127.0.0.1
     env = {
         "KUBETUNE_WEBHOOK": "true",
+        "KUBETUNE_WEBHOOK_MANAGED": "true",  # no Service here: kopf registers itself by URL
         "KUBETUNE_WEBHOOK_HOST": "127.0.0.1",
         "KUBETUNE_WEBHOOK_PORT": str(free_port()),
         "KUBETUNE_WEBHOOK_CERT_FILE": str(pki / "apiserver.crt"),

@@ -185,6 +185,23 @@ class OutputStatus(StatusModel):
     path: str | None = Field(None, max_length=MAX_TEXT_LENGTH)
 
 
+class MemoryStatus(StatusModel):
+    """GPU memory per GPU estimated before launch (kubetune.planning.memory), in GiB."""
+
+    weightsGiB: float | None = None
+    gradientsGiB: float | None = None
+    optimizerGiB: float | None = None
+    activationsGiB: float | None = None
+    teacherGiB: float | None = None
+    overheadGiB: float | None = None
+    totalGiB: float | None = None
+    floorGiB: float | None = Field(None, description="Weights, gradients and optimizer states alone.")
+    gpus: int | None = None
+    gpuMemoryGiB: float | None = Field(None, description="The configured GPU size it was checked against.")
+    verdict: Literal["fits", "tight", "cannot fit"] | None = None
+    message: str | None = Field(None, max_length=MAX_TEXT_LENGTH)
+
+
 class CustomizationJobStatus(StatusModel):
     phase: Phase | None = Field(None, description="Created, Pending, Running, Completed, Failed, Cancelled, Suspended.")
     backend: Backend | None = Field(None, description="The backend the job runs on.")
@@ -193,6 +210,7 @@ class CustomizationJobStatus(StatusModel):
     layout: LayoutStatus | None = None
     progress: ProgressStatus | None = None
     output: OutputStatus | None = None
+    memoryEstimate: MemoryStatus | None = None
 
 
 class ResourceStatus(StatusModel):

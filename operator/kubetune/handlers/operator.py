@@ -115,7 +115,8 @@ def register(registry: kopf.OperatorRegistry, config: OperatorSettings) -> None:
             old = kwargs.get("old")  # kopf passes the old object on UPDATE
             if old and old.get("spec") and backend_changed(old.get("spec"), body.get("spec")):
                 raise kopf.AdmissionError(IMMUTABLE_MESSAGE, code=422)
-            report = validate_with_references(_op(memo).kube, manifest_of(body))
+            op = _op(memo)
+            report, _ = validate_with_references(op.kube, manifest_of(body), op.settings.gpu_memory_gib)
             if not report.valid:
                 metrics.VALIDATION_FAILURES.labels(reason=report.errors[0].reason).inc()
                 raise kopf.AdmissionError("\n".join(f"{e.path}: {e.message}" for e in report.errors), code=422)
@@ -139,7 +140,8 @@ def register(registry: kopf.OperatorRegistry, config: OperatorSettings) -> None:
                 pkeyfile=config.webhook_key_file,
                 cafile=config.webhook_ca_file,
             )
-            settings.admission.managed = "validate.kubetune.io"
+            if config.webhook_managed:
+                settings.admission.managed = "validate.kubetune.io"
 
     kopf.on.startup(registry=registry)(startup)
     # kopf registers its credential sources on its default registry only; this one needs them too.

@@ -24,6 +24,8 @@ from kubetune.handlers.kube import Kube
 from kubetune.handlers.metrics import LAUNCH_LATENCY, PHASES, VALIDATION_FAILURES
 from kubetune.handlers.settings import OperatorSettings
 from kubetune.planning.lifecycle import ChildState, batch_job_state, condition, merge_conditions, pytorchjob_state
+from kubetune.planning.memory import estimate_from_resolved
+from kubetune.planning.memory_check import check_memory, memory_report
 from kubetune.planning.references import Catalog, ObjectKey, reference_uses
 from kubetune.planning.resolved import base_model_reference, output_name, output_type
 from kubetune.planning.validation import JobReport, validate_fileset, validate_job, validate_model
@@ -78,11 +80,27 @@ def catalog_for(kube: Kube, report: JobReport) -> Catalog:
     return catalog
 
 
-def validate_with_references(kube: Kube, manifest: Mapping[str, Any]) -> JobReport:
+def validate_with_references(
+    kube: Kube, manifest: Mapping[str, Any], gpu_memory_gib: float | None = None
+) -> tuple[JobReport, dict[str, Any] | None]:
+    """The full validation: schema, rules, references, and the memory pre-flight.
+
+    Returns the report and `status.memoryEstimate` (None when numParameters is unknown). A job
+    that cannot fit the configured GPU size is an error; one that may not fit, a warning.
+    """
     report = validate_job(manifest)
     if not report.valid:
-        return report
-    return validate_job(manifest, catalog_for(kube, report))
+        return report, None
+    report = validate_job(manifest, catalog_for(kube, report))
+    section = report.section
+    if not report.valid or section is None or report.layout is None or report.references is None:
+        return report, None
+    estimate = estimate_from_resolved(section, report.layout, report.references.resolved)
+    if estimate is not None and gpu_memory_gib is not None:
+        finding = check_memory(estimate, gpu_memory_gib).finding()
+        if finding is not None:
+            (report.errors if finding.reason == "MemoryCannotFit" else report.warnings).append(finding)
+    return report, memory_report(estimate, gpu_memory_gib)
 
 
 def _errors_text(report: JobReport) -> str:
@@ -96,7 +114,7 @@ def launch(op: Operator, body: Mapping[str, Any]) -> dict[str, Any]:
     status = dict(body.get("status") or {})
     if status.get("phase") in TERMINAL_PHASES:
         return {}  # a finished job is never relaunched
-    report = validate_with_references(op.kube, manifest_of(body))
+    report, memory = validate_with_references(op.kube, manifest_of(body), op.settings.gpu_memory_gib)
     conditions = status.get("conditions")
     if not report.valid:
         reason = report.errors[0].reason
@@ -105,6 +123,7 @@ def launch(op: Operator, body: Mapping[str, Any]) -> dict[str, Any]:
         return {
             "phase": "Failed",
             "backend": report.backend,
+            **({"memoryEstimate": memory} if memory else {}),
             "conditions": merge_conditions(
                 conditions,
                 [
@@ -165,8 +184,20 @@ def launch(op: Operator, body: Mapping[str, Any]) -> dict[str, Any]:
             "spec.suspend is true" if report.spec.suspend else "spec.suspend is false",
         ),
     ]
+    memory_warnings = [w for w in report.warnings if w.reason == "MemoryTight"]
+    if memory is not None and "verdict" in memory:
+        fits = not memory_warnings
+        new_conditions.append(
+            condition(
+                "MemoryFits",
+                fits,
+                "MemoryFits" if fits else "MemoryTight",
+                memory_warnings[0].message if memory_warnings else str(memory.get("message", "")),
+            )
+        )
     return {
         "phase": phase,
+        **({"memoryEstimate": memory} if memory else {}),
         "backend": backend,
         "layout": report.layout.as_status(),
         "observedGeneration": meta.get("generation"),

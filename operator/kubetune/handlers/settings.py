@@ -29,6 +29,10 @@ class OperatorSettings:
     webhook: bool = False
     """Serve the validating admission webhook (KUBETUNE_WEBHOOK=true). Off by default because it
     needs a Service and a certificate; the same checks run at every reconcile either way."""
+    webhook_managed: bool = False
+    """Let kopf create the ValidatingWebhookConfiguration itself, with a URL to `webhook_host`
+    (KUBETUNE_WEBHOOK_MANAGED=true): for development clusters that reach the operator by URL.
+    The Helm chart ships its own configuration pointing at the Service, and leaves this off."""
     webhook_host: str | None = None
     """Host name the API server uses to reach the webhook (the Service DNS name)."""
     webhook_port: int = 9443
@@ -98,6 +102,7 @@ def settings_from_env(env: Mapping[str, str] | None = None) -> OperatorSettings:
         metrics_port=_int(env, "KUBETUNE_METRICS_PORT", 8080),
         gpu_memory_gib=_float(env, "KUBETUNE_GPU_MEMORY_GIB", None),
         webhook=_bool(env, "KUBETUNE_WEBHOOK", False),
+        webhook_managed=_bool(env, "KUBETUNE_WEBHOOK_MANAGED", False),
         webhook_host=env.get("KUBETUNE_WEBHOOK_HOST") or None,
         webhook_port=_int(env, "KUBETUNE_WEBHOOK_PORT", 9443),
         webhook_cert_file=env.get("KUBETUNE_WEBHOOK_CERT_FILE") or None,

@@ -28,6 +28,10 @@ def run_job(job: ResolvedJob, options: RunOptions) -> Path:
         from kubetune_trainer import automodel
 
         return automodel.run(job, options)
+    if job.backend == "unsloth":
+        from kubetune_trainer import unsloth_backend
+
+        return unsloth_backend.run(job, options)
     raise ConfigError(f"backend {job.backend!r} is not available in this trainer image")
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +79,29 @@ def write_result(
     partial.mkdir(parents=True)
     model.save_pretrained(partial, safe_serialization=True)  # type: ignore[operator]
     tokenizer.save_pretrained(partial)
+    record = {
+        "kubetune_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **info,
+    }
+    (partial / RESULT_FILE).write_text(json.dumps(record, indent=2, default=str) + "\n", encoding="utf-8")
+    if final.exists():
+        shutil.rmtree(final)
+    partial.rename(final)
+    return final
+
+
+def write_result_with(save: Callable[[Path], None], output_root: str | Path, name: str, info: dict[str, Any]) -> Path:
+    """Like `write_result`, for writers that are not one `save_pretrained` (e.g. unsloth's merges).
+
+    `save(folder)` writes model and tokenizer into the (empty) partial folder; kubetune.json
+    and the atomic rename are done here.
+    """
+    final = result_path(output_root, name)
+    partial = final.parent / f".{name}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    save(partial)
     record = {
         "kubetune_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -177,7 +177,7 @@ def test_folder_layouts_and_held_out_validation(tmp_path: Path) -> None:
     assert split_files(str(flat), None) == ([flat / "a.jsonl", flat / "b.parquet"], None)
     train_samples, val_samples = load_samples(str(flat), None, None, seed=3)
     assert (len(train_samples), len(val_samples)) == (36, 4)  # 10% held out
-    with pytest.raises(DataError, match="no .jsonl or .parquet files"):
+    with pytest.raises(DataError, match=r"no \.jsonl or \.parquet files"):
         data_files(_empty(tmp_path), "training")
     with pytest.raises(DataError, match="no such file or folder"):
         data_files(tmp_path / "missing", "training")

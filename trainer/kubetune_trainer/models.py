@@ -45,7 +45,7 @@ def quiet_transformers() -> None:
     """No per-file progress bars from transformers: the trainer draws its own."""
     from transformers.utils import logging
 
-    logging.disable_progress_bar()
+    logging.disable_progress_bar()  # type: ignore[no-untyped-call]
 
 
 def load_tokenizer(path: str) -> Any:

@@ -118,6 +118,7 @@ class ConsoleReporter:
         self.description = description
         self.bar: tqdm[Any] | None = None
         self.last_val_loss: float | None = None
+        self.postfix: dict[str, str] = {}
 
     def report(self, event: ProgressEvent) -> None:
         if self.bar is None:
@@ -142,8 +143,11 @@ class ConsoleReporter:
                 postfix["lr"] = f"{event.lr:.2e}"
             if event.tokens_per_second is not None:
                 postfix["tok/s"] = f"{event.tokens_per_second:,.0f}"
+            self.postfix = postfix
             self.bar.set_postfix(postfix, refresh=False)
         elif event.kind == "validation" and event.val_loss is not None:
+            self.postfix["val_loss"] = f"{event.val_loss:.4f}"
+            self.bar.set_postfix(self.postfix, refresh=True)
             self.bar.write(f"step {event.step}: val_loss {event.val_loss:.4f}", file=self.stream)
         elif event.kind == "checkpoint" and event.checkpoint_path:
             self.bar.write(f"step {event.step}: checkpoint {event.checkpoint_path}", file=self.stream)

@@ -41,6 +41,7 @@ def before_after(
     tokenizer = load_tokenizer(base_path)
     base = load_causal_lm(base_path).eval()
     before = generate(base, tokenizer, prompt, max_new_tokens)
+    trained: Any
     if adapter:
         from peft import PeftModel
 

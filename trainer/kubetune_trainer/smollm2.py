@@ -77,6 +77,7 @@ def fetch() -> Path:
     end_of_turn = tokenizer.convert_ids_to_tokens(config.eos_token_id)
     tokenizer.eos_token = end_of_turn
     tokenizer.pad_token = end_of_turn
+    tokenizer.clean_up_tokenization_spaces = False  # a WordPiece-era option that corrupts BPE output
     partial = target.parent / f".{target.name}.partial"
     shutil.rmtree(partial, ignore_errors=True)
     plain.save_pretrained(partial, safe_serialization=True)

@@ -84,9 +84,7 @@ def prepare(
     if not report.valid or report.section is None or report.layout is None:
         raise RunError(f"{documents[index].source}: CustomizationJob {report.name or '?'} is invalid")
     section = report.section
-    if not isinstance(section, AutomodelSpec):
-        raise RunError("kubetune run supports the automodel backend; the unsloth backend comes with its own trainer")
-    if section.parallelism.num_nodes != 1:
+    if isinstance(section, AutomodelSpec) and section.parallelism.num_nodes != 1:
         raise RunError("kubetune run uses this machine only: set parallelism.num_nodes to 1")
     out.write(f"job {report.namespace}/{report.name}: {describe_layout(report.layout)}\n")
 
@@ -112,11 +110,8 @@ def prepare(
     )
     config = folder / "job.json"
     text = job.model_dump_json(indent=2)
-    if config.is_file() and config.read_text(encoding="utf-8") != text:
-        if not fresh:
-            raise RunError(
-                f"{folder} holds a different job's run; pass --fresh to delete it, or --output another folder"
-            )
+    if config.is_file() and config.read_text(encoding="utf-8") != text and not fresh:
+        raise RunError(f"{folder} holds a different job's run; pass --fresh to delete it, or --output another folder")
     if fresh and folder.exists():
         shutil.rmtree(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -153,10 +148,7 @@ def execute(job: ResolvedJob, config: Path, sample: bool, out: TextIO) -> int:
     folder = config.parent
     progress = folder / "progress.jsonl"
     processes = job.layout.world_size
-    if processes == 1:
-        code = _train_here(job, progress)
-    else:
-        code = _train_torchrun(job, config, progress, processes)
+    code = _train_here(job, progress) if processes == 1 else _train_torchrun(job, config, progress, processes)
     if code != EXIT_VALID:
         return code
     result = Path(job.paths.output) / job.output.name
@@ -226,10 +218,15 @@ def _show_sample(job: ResolvedJob, result: Path, out: TextIO) -> None:
     from kubetune_trainer.outputs import read_result
     from kubetune_trainer.sample import before_after
 
-    section = job.automodel
-    assert section is not None
     seed = int(read_result(result)["seed"])  # the seed the run used: the same validation split
-    train, validation = load_samples(job.paths.training, job.paths.validation, section.dataset.prompt_template, seed)
+    if job.unsloth is not None:  # text_field / apply_chat_template decide what a row is
+        from kubetune_trainer.unsloth_backend.dataset import load_samples as load_unsloth_samples
+
+        train, validation, _ = load_unsloth_samples(job.unsloth, job.paths.training, job.paths.validation)
+    else:
+        assert job.automodel is not None
+        prompt_template = job.automodel.dataset.prompt_template
+        train, validation = load_samples(job.paths.training, job.paths.validation, prompt_template, seed)
     prompt, reference = prompt_of((validation or train)[0])
     before, after = before_after(local_model_path(job.paths.model), result, job.output.type == "adapter", prompt)
     shown = prompt[-1]["content"] if isinstance(prompt, list) else prompt

@@ -105,7 +105,8 @@ def run(job: ResolvedJob, options: RunOptions) -> Path:
             checkpoints = Path(trainer.args.output_dir)
             from kubetune_trainer.unsloth_backend.callbacks import latest_complete, remove_incomplete
 
-            remove_incomplete(checkpoints)
+            for removed in remove_incomplete(checkpoints):
+                progress.emit("start", 0, message=f"removed {removed}: a save that did not finish")
             latest = latest_complete(checkpoints)
             if latest is not None:
                 progress.emit("start", latest[0], message=f"resuming from {latest[1]} (step {latest[0]})")

@@ -139,7 +139,6 @@ def test_lora_adapter_trains_reloads_and_reports(
     assert [e.step for e in seen if e.kind == "checkpoint"] == [2, 4, 6, 8, 10, 12, 14, 16]
 
 
-@pytest.mark.slow
 def test_qlora_4bit_merged_4bit_reloads_quantized(
     train_unsloth: Callable[..., tuple[Path, dict[str, Any]]],
 ) -> None:
@@ -158,7 +157,6 @@ def test_qlora_4bit_merged_4bit_reloads_quantized(
     generate(model, AutoTokenizer.from_pretrained(folder))
 
 
-@pytest.mark.slow
 def test_qlora_8bit_merged_16bit(train_unsloth: Callable[..., tuple[Path, dict[str, Any]]]) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from unsloth import is_bfloat16_supported
@@ -486,7 +484,6 @@ def test_validation_path_is_used_instead_of_a_hold_out(tiny_model: Path, task_da
 # --------------------------------------------------------------------------- kubetune run
 
 
-@pytest.mark.slow
 def test_kubetune_run_completes_a_tiny_unsloth_job(tiny_model: Path, task_data: Path, tmp_path: Path) -> None:
     manifest = f"""
 apiVersion: kubetune.io/v1alpha1

@@ -97,3 +97,30 @@ def test_kubetune_run_reports_an_invalid_job(
     assert main(["run", str(path), "--output", str(tmp_path / "run")]) == 1
     captured = capsys.readouterr()
     assert "spec.automodel.batch.global_batch_size" in captured.out and "is invalid" in captured.err
+
+
+@pytest.mark.slow
+def test_kubetune_run_starts_torchrun_for_several_processes(
+    tmp_path: Path,
+    tiny_model: Path,
+    task_data: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    path = tmp_path / "job.yaml"
+    text = (
+        manifests(tiny_model, str(task_data))
+        .replace(
+            "optimizer: {learning_rate: 1.0e-2}",
+            "optimizer: {learning_rate: 1.0e-2}\n    parallelism: {num_gpus_per_node: 2}",
+        )
+        .replace("micro_batch_size: 8", "micro_batch_size: 2")
+    )
+    path.write_text(text, encoding="utf-8")
+    out = tmp_path / "run"
+    assert main(["run", str(path), "--output", str(out), "--no-sample"]) == 0
+    assert "2 GPUs = DP 2" in capsys.readouterr().out
+    assert (out / "tiny-run-output" / "adapter_model.safetensors").is_file()
+    steps = [line for line in (out / "progress.jsonl").read_text().splitlines() if '"kind": "step"' in line]
+    assert len(steps) == 6  # one reporter (rank 0), every step

@@ -7,7 +7,8 @@ Features:
 - the student trains as in SFT: LoRA, merged LoRA or full weights, FSDP2 data parallel,
   checkpoints and resume; the teacher is not sharded (each rank keeps a full copy for
   inference) and, with `offload_teacher`, waits in CPU memory between forward passes;
-- the step history records `kl` and `ce` next to the loss.
+- the step history records `kl` and `ce` next to the loss; `val_loss` is the same
+  combined loss on the validation data.
 
 Raises: as `sft.py`, plus `ModelError` when student and teacher vocabularies differ
 (checked on the tokenizers and the output layers, before training starts).

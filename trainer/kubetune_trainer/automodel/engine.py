@@ -140,6 +140,14 @@ class TrainResult:
     tokens: int
     seconds: float
     history: list[dict[str, float]] = field(default_factory=list)
+    step_seconds: float = 0.0
+    """Time in optimizer steps only (no validation, checkpoints), this attempt."""
+    step_tokens: int = 0
+    """Tokens trained on in this attempt (all ranks)."""
+
+    @property
+    def tokens_per_second(self) -> float | None:
+        return self.step_tokens / self.step_seconds if self.step_seconds else None
 
 
 class Engine:
@@ -334,6 +342,7 @@ class Engine:
         plan, world = self.plan, self.ctx.world
         throughput = Throughput()
         start = time.perf_counter()
+        step_seconds, step_tokens = 0.0, 0
         if self.step == 0:
             self._report("start", message=self.describe())
         while self.step < plan.total_steps:
@@ -341,7 +350,9 @@ class Engine:
             self.last_loss, extras, tokens = self._train_step()
             self.step += 1
             self.tokens += tokens
-            throughput.add(time.perf_counter() - began, tokens)
+            elapsed = time.perf_counter() - began
+            step_seconds, step_tokens = step_seconds + elapsed, step_tokens + tokens
+            throughput.add(elapsed, tokens)
             self.history.append({"step": self.step, "loss": self.last_loss, **extras})
             self._report(
                 "step",
@@ -359,7 +370,14 @@ class Engine:
                     self.save_checkpoint()
                 raise Preempted(f"stopped by SIGTERM at step {self.step}; checkpoint written")
         return TrainResult(
-            self.step, self.last_loss, self.last_val_loss, self.tokens, time.perf_counter() - start, self.history
+            self.step,
+            self.last_loss,
+            self.last_val_loss,
+            self.tokens,
+            time.perf_counter() - start,
+            self.history,
+            step_seconds,
+            step_tokens,
         )
 
     def describe(self) -> str:
@@ -426,6 +444,7 @@ def save_output(
                 "val_loss": result.val_loss,
                 "tokens": result.tokens,
                 "train_seconds": round(result.seconds, 3),
+                "tokens_per_second": round(result.tokens_per_second or 0.0, 1),
             },
             **(extra or {}),
         }

@@ -8,6 +8,7 @@ would report, exactly the objects the operator reads.
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -324,7 +325,32 @@ def test_suspend_and_resume(control_plane: ControlPlane, operator: OperatorProce
 def test_delete_cancels_and_garbage_collects(control_plane: ControlPlane, operator: OperatorProcess, refs: str) -> None:
     apply(control_plane, refs, automodel_job("gone"))
     wait_phase(control_plane, refs, "gone", "Pending")
-    control_plane.kubectl("delete", "ctj", "gone", "-n", refs, "--wait=true", "--timeout=30s", check=True)
+    # Watch the job while it is deleted: the operator's finalizer records Cancelled first.
+    watch = subprocess.Popen(
+        [
+            str(control_plane.bin_dir / "kubectl"),
+            f"--kubeconfig={control_plane.kubeconfig}",
+            "get",
+            "ctj",
+            "gone",
+            "-n",
+            refs,
+            "--watch",
+            "--output-watch-events",
+            "-o",
+            "json",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        control_plane.kubectl("delete", "ctj", "gone", "-n", refs, "--wait=true", "--timeout=30s", check=True)
+    finally:
+        time.sleep(1)
+        watch.terminate()
+    events = [json.loads(doc) for doc in _json_documents(watch.communicate(timeout=10)[0])]
+    phases = [(e["type"], (e["object"].get("status") or {}).get("phase")) for e in events]
+    assert ("MODIFIED", "Cancelled") in phases, phases
     for kind, name in (("pytorchjob", "gone-train"), ("configmap", "gone-config"), ("role", "gone-progress")):
         wait_for(
             f"{kind} {name} to be garbage-collected",
@@ -399,3 +425,16 @@ def test_memory_preflight(control_plane: ControlPlane, operator: OperatorProcess
     assert failed["reason"] == "MemoryCannotFit" and "spec.automodel" in failed["message"]
     assert status["memoryEstimate"]["verdict"] == "cannot fit"
     assert get_json(control_plane, "pytorchjob", "huge-full-train", "-n", refs) is None
+
+
+def _json_documents(text: str) -> list[str]:
+    """Split kubectl's stream of pretty-printed JSON objects."""
+    decoder, documents, index = json.JSONDecoder(), [], 0
+    while index < len(text):
+        if text[index].isspace():
+            index += 1
+            continue
+        _, end = decoder.raw_decode(text, index)
+        documents.append(text[index:end])
+        index = end
+    return documents

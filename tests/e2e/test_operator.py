@@ -350,7 +350,8 @@ def test_delete_cancels_and_garbage_collects(control_plane: ControlPlane, operat
         watch.terminate()
     events = [json.loads(doc) for doc in _json_documents(watch.communicate(timeout=10)[0])]
     phases = [(e["type"], (e["object"].get("status") or {}).get("phase")) for e in events]
-    assert ("MODIFIED", "Cancelled") in phases, phases
+    # The object's last state before it went (seen by any watch, however late it started).
+    assert phases and phases[-1] == ("DELETED", "Cancelled"), phases
     for kind, name in (("pytorchjob", "gone-train"), ("configmap", "gone-config"), ("role", "gone-progress")):
         wait_for(
             f"{kind} {name} to be garbage-collected",

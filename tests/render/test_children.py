@@ -20,7 +20,9 @@ from kubetune.render.children import ChildNames
 
 ROOT = Path(__file__).resolve().parents[2]
 GOLDEN = Path(__file__).parent / "golden"
-EXAMPLES = sorted((ROOT / "examples").glob("0*.yaml"))
+# Examples with relative hostPath sources run under `kubetune run` only; the rest are for a cluster.
+LOCAL_EXAMPLES = [ROOT / "examples" / "quickstart.yaml", ROOT / "examples" / "05-qlora-unsloth-smollm2.yaml"]
+EXAMPLES = [p for p in sorted((ROOT / "examples").glob("0*.yaml")) if p not in LOCAL_EXAMPLES]
 
 
 def _render(example: Path) -> tuple[int, str, str]:
@@ -147,3 +149,10 @@ def test_child_names_stay_dns_labels() -> None:
     names = ChildNames("a" * 63)
     for name in (names.config_map, names.service_account, names.role, names.output_claim, names.workload):
         assert len(name) <= 63 and not name.startswith("-")
+
+
+@pytest.mark.parametrize("example", LOCAL_EXAMPLES, ids=lambda p: p.stem)
+def test_local_examples_are_refused_for_a_cluster(example: Path) -> None:
+    code, out, err = _render(example)
+    assert code == 1 and out == ""
+    assert "is relative: in a cluster give an absolute path on the node" in err

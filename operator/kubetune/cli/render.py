@@ -6,6 +6,7 @@ from typing import TextIO
 
 from kubetune.cli.documents import Document
 from kubetune.cli.validate import EXIT_INVALID, EXIT_USAGE, EXIT_VALID, validate_documents
+from kubetune.planning.references import cluster_source_problem
 from kubetune.render.children import JobInput, render_children
 from kubetune.render.yamlout import dump_all
 
@@ -31,6 +32,14 @@ def run_render(documents: list[Document], out: TextIO, err: TextIO) -> int:
             continue
         assert report.references is not None
         sources = {role: target.source for role, target in report.references.resolved.items()}
+        problems = [p for p in map(cluster_source_problem, sources.values()) if p]
+        if problems:
+            status = EXIT_INVALID
+            err.write(
+                f"{document.source}: CustomizationJob {report.namespace}/{report.name} cannot run in a cluster:\n"
+            )
+            err.writelines(f"  error: {problem}\n" for problem in problems)
+            continue
         job = JobInput(report.name, report.namespace, DRY_RUN_UID, report.spec, report.layout, sources)
         rendered.extend(render_children(job))
     if rendered:

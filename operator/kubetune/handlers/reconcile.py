@@ -26,7 +26,7 @@ from kubetune.handlers.settings import OperatorSettings
 from kubetune.planning.lifecycle import ChildState, batch_job_state, condition, merge_conditions, pytorchjob_state
 from kubetune.planning.memory import estimate_from_resolved
 from kubetune.planning.memory_check import check_memory, memory_report
-from kubetune.planning.references import Catalog, ObjectKey, reference_uses
+from kubetune.planning.references import Catalog, ObjectKey, cluster_source_problem, reference_uses
 from kubetune.planning.resolved import base_model_reference, output_name, output_type
 from kubetune.planning.validation import JobReport, validate_fileset, validate_job, validate_model
 from kubetune.render.children import ChildNames, JobInput, render_children
@@ -71,8 +71,9 @@ def catalog_for(kube: Kube, report: JobReport) -> Catalog:
         if obj is None:
             continue
         parsed, errors = (validate_model if ref.kind == "Model" else validate_fileset)(obj.get("spec"))
-        if parsed is None:
-            catalog.invalid[ref.key] = f"{errors[0].path}: {errors[0].message}" if errors else "invalid"
+        problem = cluster_source_problem(parsed.source) if parsed is not None else None
+        if parsed is None or problem:
+            catalog.invalid[ref.key] = problem or (f"{errors[0].path}: {errors[0].message}" if errors else "invalid")
         elif ref.kind == "Model":
             catalog.models[(ref.key.namespace, ref.key.name)] = parsed  # type: ignore[assignment]
         else:

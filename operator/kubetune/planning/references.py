@@ -14,7 +14,7 @@ from typing import Literal
 
 from kubetune.api.automodel import AutomodelSpec
 from kubetune.api.common import split_reference
-from kubetune.api.resources import FileSetSpec, ModelSpec
+from kubetune.api.resources import FileSetSpec, ModelSpec, Source
 from kubetune.api.unsloth import UnslothSpec
 
 RefKind = Literal["Model", "FileSet"]
@@ -60,6 +60,17 @@ class Catalog:
     def get(self, key: ObjectKey) -> ModelSpec | FileSetSpec | None:
         table: Mapping[tuple[str, str], ModelSpec | FileSetSpec] = self.models if key.kind == "Model" else self.filesets
         return table.get((key.namespace, key.name))
+
+
+def cluster_source_problem(source: Source) -> str | None:
+    """Why a source cannot be mounted in a cluster, or None. Relative and `~` hostPaths are
+    for `kubetune run` (resolved against the manifest's folder); a node needs an absolute path."""
+    if source.hostPath is not None and not source.hostPath.path.startswith("/"):
+        return (
+            f"spec.source.hostPath.path {source.hostPath.path!r} is relative: in a cluster give an absolute "
+            "path on the node (relative paths and ~ are for kubetune run only)"
+        )
+    return None
 
 
 def reference_uses(section: AutomodelSpec | UnslothSpec, namespace: str) -> Iterator[ReferenceUse]:

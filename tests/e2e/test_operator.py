@@ -8,13 +8,14 @@ would report, exactly the objects the operator reads.
 from __future__ import annotations
 
 import json
-import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from kubernetes import client, config, watch
 
 from .controlplane import ControlPlane
 from .operator_process import OperatorProcess, get_json, install_peering, operator_process, wait_for
@@ -326,31 +327,32 @@ def test_delete_cancels_and_garbage_collects(control_plane: ControlPlane, operat
     apply(control_plane, refs, automodel_job("gone"))
     wait_phase(control_plane, refs, "gone", "Pending")
     # Watch the job while it is deleted: the operator's finalizer records Cancelled first.
-    watch = subprocess.Popen(
-        [
-            str(control_plane.bin_dir / "kubectl"),
-            f"--kubeconfig={control_plane.kubeconfig}",
-            "get",
-            "ctj",
-            "gone",
-            "-n",
+    api = client.CustomObjectsApi(config.new_client_from_config(str(control_plane.kubeconfig)))
+    phases: list[tuple[str, str | None]] = []
+    watching = threading.Event()
+
+    def watch_job() -> None:
+        stream = watch.Watch()
+        for event in stream.stream(
+            api.list_namespaced_custom_object,
+            "kubetune.io",
+            "v1alpha1",
             refs,
-            "--watch",
-            "--output-watch-events",
-            "-o",
-            "json",
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        control_plane.kubectl("delete", "ctj", "gone", "-n", refs, "--wait=true", "--timeout=30s", check=True)
-    finally:
-        time.sleep(1)
-        watch.terminate()
-    events = [json.loads(doc) for doc in _json_documents(watch.communicate(timeout=10)[0])]
-    phases = [(e["type"], (e["object"].get("status") or {}).get("phase")) for e in events]
-    # The object's last state before it went (seen by any watch, however late it started).
+            "customizationjobs",
+            field_selector="metadata.name=gone",
+            timeout_seconds=60,
+        ):
+            phases.append((event["type"], (event["object"].get("status") or {}).get("phase")))
+            watching.set()
+            if event["type"] == "DELETED":
+                stream.stop()
+
+    watcher = threading.Thread(target=watch_job, daemon=True)
+    watcher.start()
+    assert watching.wait(30), "the watch did not start"
+    control_plane.kubectl("delete", "ctj", "gone", "-n", refs, "--wait=true", "--timeout=30s", check=True)
+    watcher.join(30)
+    # The object's last state before it went is in the DELETED event.
     assert phases and phases[-1] == ("DELETED", "Cancelled"), phases
     for kind, name in (("pytorchjob", "gone-train"), ("configmap", "gone-config"), ("role", "gone-progress")):
         wait_for(
@@ -426,16 +428,3 @@ def test_memory_preflight(control_plane: ControlPlane, operator: OperatorProcess
     assert failed["reason"] == "MemoryCannotFit" and "spec.automodel" in failed["message"]
     assert status["memoryEstimate"]["verdict"] == "cannot fit"
     assert get_json(control_plane, "pytorchjob", "huge-full-train", "-n", refs) is None
-
-
-def _json_documents(text: str) -> list[str]:
-    """Split kubectl's stream of pretty-printed JSON objects."""
-    decoder, documents, index = json.JSONDecoder(), [], 0
-    while index < len(text):
-        if text[index].isspace():
-            index += 1
-            continue
-        _, end = decoder.raw_decode(text, index)
-        documents.append(text[index:end])
-        index = end
-    return documents

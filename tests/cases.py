@@ -10,9 +10,15 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 GROUP_VERSION = "kubetune.io/v1alpha1"
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+LOCAL_EXAMPLES = [EXAMPLES / "quickstart.yaml", EXAMPLES / "05-qlora-unsloth-smollm2.yaml"]
+"""Examples with relative hostPath sources: for `kubetune run`, refused for a cluster."""
+CLUSTER_EXAMPLES = [p for p in sorted(EXAMPLES.glob("0*.yaml")) if p not in LOCAL_EXAMPLES]
 
 
 def deep_merge(base: dict[str, Any], change: dict[str, Any]) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from kubetune.cli.documents import load_files
 from kubetune.cli.render import run_render
 from kubetune.handlers.settings import OperatorSettings, settings_from_env
 from kubetune.render.crds import crd_file_name, custom_resource_definitions, to_yaml
+from tests.cases import CLUSTER_EXAMPLES
 from tests.helmchart import CHART, ROOT, container_env, find, helm, settings_env_names, template
 
 WEBHOOK = {"webhook": {"enabled": True}, "metrics": {"serviceMonitor": {"enabled": True}}}
@@ -378,7 +379,7 @@ def _allows(rules: list[dict[str, Any]], group: str, resource: str, verb: str) -
 
 def _children() -> list[dict[str, Any]]:
     children: list[dict[str, Any]] = []
-    for example in sorted((ROOT / "examples").glob("0*.yaml")):
+    for example in CLUSTER_EXAMPLES:
         out, err = io.StringIO(), io.StringIO()
         assert run_render(load_files([str(example)]), out, err) == 0, err.getvalue()
         children += [doc for doc in yaml.safe_load_all(out.getvalue()) if doc]

@@ -17,12 +17,11 @@ import yaml
 from kubetune.cli.documents import load_files
 from kubetune.cli.render import run_render
 from kubetune.render.children import ChildNames
+from tests.cases import CLUSTER_EXAMPLES, LOCAL_EXAMPLES
 
 ROOT = Path(__file__).resolve().parents[2]
 GOLDEN = Path(__file__).parent / "golden"
-# Examples with relative hostPath sources run under `kubetune run` only; the rest are for a cluster.
-LOCAL_EXAMPLES = [ROOT / "examples" / "quickstart.yaml", ROOT / "examples" / "05-qlora-unsloth-smollm2.yaml"]
-EXAMPLES = [p for p in sorted((ROOT / "examples").glob("0*.yaml")) if p not in LOCAL_EXAMPLES]
+EXAMPLES = CLUSTER_EXAMPLES
 
 
 def _render(example: Path) -> tuple[int, str, str]:

@@ -73,22 +73,12 @@ def write_result(
     info: dict[str, Any],
 ) -> Path:
     """Save model (or adapter) + tokenizer + kubetune.json atomically; return the folder."""
-    final = result_path(output_root, name)
-    partial = final.parent / f".{name}.partial"
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    model.save_pretrained(partial, safe_serialization=True)  # type: ignore[operator]
-    tokenizer.save_pretrained(partial)
-    record = {
-        "kubetune_version": __version__,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        **info,
-    }
-    (partial / RESULT_FILE).write_text(json.dumps(record, indent=2, default=str) + "\n", encoding="utf-8")
-    if final.exists():
-        shutil.rmtree(final)
-    partial.rename(final)
-    return final
+
+    def save(folder: Path) -> None:
+        model.save_pretrained(folder, safe_serialization=True)  # type: ignore[operator]
+        tokenizer.save_pretrained(folder)
+
+    return write_result_with(save, output_root, name, info)
 
 
 def write_result_with(save: Callable[[Path], None], output_root: str | Path, name: str, info: dict[str, Any]) -> Path:

@@ -34,17 +34,14 @@ from kubetune_trainer.checkpoint import CheckpointStore, Preempted, Preemption, 
 from kubetune_trainer.config import RunOptions
 from kubetune_trainer.data import DataTooSmall, Splits
 from kubetune_trainer.distributed import World, all_sum, any_rank, barrier, broadcast_int, set_gradient_sync
-from kubetune_trainer.metrics import PrometheusReporter, integration_reporters
 from kubetune_trainer.progress import (
-    ConsoleReporter,
     EventKind,
-    JsonLinesReporter,
-    MultiReporter,
     NullReporter,
     ProgressEvent,
     Reporter,
     Throughput,
 )
+from kubetune_trainer.reporters import job_reporter
 
 LossFn = Callable[[nn.Module, Batch], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 """(model, micro batch) -> (loss summed over label tokens, other sums to report)."""
@@ -83,18 +80,8 @@ def choose_seed(section: AutomodelSpec, store: CheckpointStore, world: World) ->
 
 
 def make_reporter(job: ResolvedJob, world: World, options: RunOptions) -> Reporter:
-    if not world.is_main:
-        return NullReporter()
-    reporters: list[Reporter] = []
-    if options.progress_bar:
-        reporters.append(ConsoleReporter(description=job.output.name))
-    if options.progress_file:
-        reporters.append(JsonLinesReporter(options.progress_file))
-    if options.metrics_port:
-        reporters.append(PrometheusReporter(options.metrics_port, job.job.namespace, job.job.name))
-    config = job.section.model_dump(mode="json")
-    reporters += integration_reporters(job.section.integrations, job.output.name, job.job.name, config)
-    return MultiReporter(reporters)
+    """Rank 0 reports (to the cluster too, when the operator asked for it); other ranks stay quiet."""
+    return job_reporter(job, options) if world.is_main else NullReporter()
 
 
 @dataclass

@@ -17,27 +17,14 @@ from collections.abc import Iterable
 
 from kubetune.planning.resolved import ResolvedJob
 from kubetune_trainer.config import RunOptions
-from kubetune_trainer.kube_status import reporter_from_env
-from kubetune_trainer.metrics import PrometheusReporter, integration_reporters
-from kubetune_trainer.progress import ConsoleReporter, JsonLinesReporter, MultiReporter, ProgressEvent, Reporter
+from kubetune_trainer.progress import ConsoleReporter, MultiReporter, ProgressEvent
+from kubetune_trainer.reporters import job_reporter
 
 PREFIX = "kubetune-trainer (unsloth)"
 
 
 def make_reporter(job: ResolvedJob, options: RunOptions) -> MultiReporter:
-    reporters: list[Reporter] = []
-    if options.progress_bar:
-        reporters.append(ConsoleReporter(description=job.output.name))
-    if options.progress_file:
-        reporters.append(JsonLinesReporter(options.progress_file))
-    if options.metrics_port:
-        reporters.append(PrometheusReporter(options.metrics_port, job.job.namespace, job.job.name))
-    cluster = reporter_from_env()
-    if cluster is not None:
-        reporters.append(cluster)
-    config = job.section.model_dump(mode="json")
-    reporters += integration_reporters(job.section.integrations, job.output.name, job.job.name, config)
-    return MultiReporter(reporters)
+    return job_reporter(job, options)
 
 
 class Notes:

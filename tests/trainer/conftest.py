@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import os
 import sys
 from collections.abc import Callable
@@ -14,6 +13,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "fixtures"))
 
 import tiny_models
+from tests.cases import deep_merge
 
 from kubetune.planning.resolved import JobIdentity, ResolvedJob, ResolvedPaths, resolve
 from kubetune.planning.validation import validate_job
@@ -63,14 +63,7 @@ BASE_SPEC: dict[str, Any] = {
 }
 
 
-def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
-    result = copy.deepcopy(base)
-    for key, value in override.items():
-        if isinstance(value, dict) and isinstance(result.get(key), dict):
-            result[key] = merge(result[key], value)
-        else:
-            result[key] = value
-    return result
+merge = deep_merge  # one deep-merge helper for every test table (tests/cases.py)
 
 
 def make_job(

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from kubetune.planning.resolved import ResolvedJob
 from kubetune_trainer import __version__
 from kubetune_trainer.models import add_lora, load_causal_lm
 
@@ -63,6 +64,20 @@ def build_result_model(
         merged: nn.Module = peft_model.merge_and_unload()  # type: ignore[operator]
         return merged
     return peft_model
+
+
+def job_record(job: ResolvedJob) -> dict[str, Any]:
+    """What every result's kubetune.json says about the job that made it (both backends)."""
+    section = job.section
+    return {
+        "base_model": job.base_model,
+        "job": job.job.model_dump(),
+        "output": job.output.model_dump(),
+        "backend": job.backend,
+        "training_type": section.training.training_type,
+        "finetuning_type": section.training.finetuning_type,
+        "layout": job.layout.model_dump(),
+    }
 
 
 def write_result(

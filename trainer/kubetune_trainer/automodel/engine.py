@@ -407,7 +407,7 @@ def save_output(
 ) -> Path:
     """Gather the trained weights and write the job's result (rank 0); returns its folder."""
     from kubetune_trainer.distributed import full_state_dict
-    from kubetune_trainer.outputs import build_result_model, result_path, write_result
+    from kubetune_trainer.outputs import build_result_model, job_record, result_path, write_result
 
     job, section, world = ctx.job, ctx.section, ctx.world
     lora = lora_settings(section)
@@ -416,15 +416,9 @@ def save_output(
     if world.is_main:
         result_model = build_result_model(base_path, trained, lora, merge=job.output.type == "model")
         info = {
-            "base_model": job.base_model,
-            "job": job.job.model_dump(),
-            "output": job.output.model_dump(),
-            "backend": job.backend,
-            "training_type": section.training.training_type,
-            "finetuning_type": section.training.finetuning_type,
+            **job_record(job),
             "lora": lora,
             "seed": ctx.seed,
-            "layout": job.layout.model_dump(),
             "metrics": {
                 "steps": result.steps,
                 "train_loss": result.loss,

@@ -49,7 +49,7 @@ from kubetune.planning.resolved import ResolvedJob
 from kubetune_trainer.checkpoint import Preempted, Preemption
 from kubetune_trainer.config import ConfigError, RunOptions, check_integrations
 from kubetune_trainer.models import ModelError, load_tokenizer, local_model_path
-from kubetune_trainer.outputs import finished, result_path, write_result_with
+from kubetune_trainer.outputs import finished, job_record, result_path, write_result_with
 from kubetune_trainer.unsloth_backend import settings
 from kubetune_trainer.unsloth_backend.reporting import Notes, make_reporter
 
@@ -322,19 +322,13 @@ def _result_info(
     losses = [entry["loss"] for entry in history if "loss" in entry]
     val_losses = [entry["val_loss"] for entry in history if "val_loss" in entry]
     return {
-        "base_model": job.base_model,
-        "job": job.job.model_dump(),
-        "output": job.output.model_dump(),
-        "backend": job.backend,
-        "training_type": section.training.training_type,
-        "finetuning_type": section.training.finetuning_type,
+        **job_record(job),
         "lora": section.training.lora.model_dump() if section.training.lora else None,
         "save_method": section.output.save_method,
         "save_route": route,
         "seed": section.schedule.seed,
         "device": "cuda" if on_gpu else "cpu",
         "validation_held_out": held_out,
-        "layout": job.layout.model_dump(),
         "metrics": {
             "steps": trainer.state.global_step,
             "first_loss": losses[0] if losses else None,

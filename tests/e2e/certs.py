@@ -33,7 +33,7 @@ subjectKeyIdentifier = hash
 basicConstraints = critical, CA:FALSE
 keyUsage = critical, digitalSignature, keyEncipherment
 extendedKeyUsage = serverAuth
-subjectAltName = IP:127.0.0.1, DNS:localhost
+subjectAltName = {sans}
 subjectKeyIdentifier = hash
 authorityKeyIdentifier = keyid
 """
@@ -58,12 +58,16 @@ def _openssl(pki: Path, *args: str) -> None:
         raise ControlPlaneError(f"openssl {' '.join(args)} failed:\n{res.stderr.strip()}")
 
 
-def generate_certs(pki: Path, tokens: Sequence[tuple[str, str, Sequence[str]]]) -> Certs:
-    """Write all key material into ``pki``. ``tokens``: (token, user name, groups)."""
+def generate_certs(
+    pki: Path, tokens: Sequence[tuple[str, str, Sequence[str]]], extra_sans: Sequence[str] = ()
+) -> Certs:
+    """Write all key material into ``pki``. ``tokens``: (token, user name, groups);
+    ``extra_sans``: more subject alternative names of the API server (``IP:...``,
+    ``DNS:...``), for clients that reach it by another address than 127.0.0.1 (pods)."""
     pki.mkdir(parents=True, exist_ok=True)
     pki.chmod(0o700)
     cnf = pki / "openssl.cnf"
-    cnf.write_text(_OPENSSL_CNF)
+    cnf.write_text(_OPENSSL_CNF.replace("{sans}", ", ".join(["IP:127.0.0.1", "DNS:localhost", *extra_sans])))
     ec = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
     _openssl(pki, "req", "-config", str(cnf), "-x509", *ec, "-days", DAYS,
              "-subj", "/CN=kubetune-e2e-ca", "-extensions", "ca_ext",

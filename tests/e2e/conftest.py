@@ -17,6 +17,7 @@ from contextlib import ExitStack
 
 import pytest
 
+from .cluster import Cluster, running_cluster
 from .controlplane import ControlPlane, crd_files, find_bin_dir, install_manifests, running
 from .procs import ControlPlaneError
 
@@ -59,3 +60,33 @@ def namespace(control_plane: ControlPlane) -> Iterator[str]:
     control_plane.kubectl("create", "namespace", name, check=True)
     yield name
     control_plane.kubectl("delete", "namespace", name, "--wait=false", "--ignore-not-found")
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """A one-node cluster that runs real pods, with kubetune installed by its chart; see
+    ``tests/e2e/cluster.py``. Separate from ``control_plane`` (whose tests write pod and
+    PyTorchJob statuses themselves): here only the kubelet and the controllers do."""
+    stack = ExitStack()
+    error = ""
+    try:
+        running = stack.enter_context(running_cluster(tmp_path_factory.mktemp("cluster")))
+    except ControlPlaneError as exc:
+        error = str(exc)
+        stack.close()
+    except BaseException:
+        stack.close()
+        raise
+    if error:
+        pytest.fail(f"e2e cluster unavailable: {error}", pytrace=False)
+    with stack:
+        yield running
+
+
+@pytest.fixture
+def cluster_namespace(cluster: Cluster) -> Iterator[str]:
+    """A fresh namespace in ``cluster``, deleted (without waiting) after the test."""
+    name = f"e2e-{secrets.token_hex(4)}"
+    cluster.kubectl("create", "namespace", name, check=True)
+    yield name
+    cluster.kubectl("delete", "namespace", name, "--wait=false", "--ignore-not-found")

@@ -165,21 +165,40 @@ def _start_etcd(stack: ExitStack, bin_dir: Path, workdir: Path) -> str:
 
 
 def _start_apiserver(
-    stack: ExitStack, bin_dir: Path, workdir: Path, certs: Certs, etcd_url: str, admin_token: str
+    stack: ExitStack,
+    bin_dir: Path,
+    workdir: Path,
+    certs: Certs,
+    etcd_url: str,
+    admin_token: str,
+    pod_network: ClusterNetwork | None,
 ) -> tuple[str, Process]:
     port = free_port()
     server = f"https://127.0.0.1:{port}"
+    if pod_network is None:
+        address = [
+            "--bind-address=127.0.0.1",
+            "--advertise-address=127.0.0.1",
+            # The lease reconciler refuses a loopback address (it would publish it as the
+            # endpoint of service/kubernetes, for pods, and there are no pods here).
+            "--endpoint-reconciler-type=none",
+        ]
+    else:
+        # Pods reach the API server through service/kubernetes, whose endpoint is the
+        # advertised address: the machine's own, on every interface.
+        address = [
+            "--bind-address=0.0.0.0",
+            f"--advertise-address={pod_network.host_ip}",
+            "--kubelet-preferred-address-types=InternalIP",
+        ]
+    service_cidr = pod_network.service_cidr if pod_network else "10.0.0.0/24"
     proc = stack.enter_context(
         Process.start(
             "kube-apiserver",
             [
                 str(bin_dir / "kube-apiserver"),
                 f"--etcd-servers={etcd_url}",
-                "--bind-address=127.0.0.1",
-                "--advertise-address=127.0.0.1",
-                # The lease reconciler refuses a loopback address (it would publish it as the
-                # endpoint of service/kubernetes, for pods, and there are no pods here).
-                "--endpoint-reconciler-type=none",
+                *address,
                 f"--secure-port={port}",
                 f"--cert-dir={workdir / 'apiserver-certs'}",
                 f"--tls-cert-file={certs.server_cert}",
@@ -187,7 +206,7 @@ def _start_apiserver(
                 f"--service-account-issuer={server}",
                 f"--service-account-key-file={certs.sa_key}",
                 f"--service-account-signing-key-file={certs.sa_key}",
-                "--service-cluster-ip-range=10.0.0.0/24",
+                f"--service-cluster-ip-range={service_cidr}",
                 "--authorization-mode=RBAC",
                 f"--token-auth-file={certs.token_file}",
                 "--allow-privileged=true",
@@ -201,9 +220,12 @@ def _start_apiserver(
 
 
 def _start_controller_manager(
-    stack: ExitStack, bin_dir: Path, workdir: Path, certs: Certs, kubeconfig: Path
+    stack: ExitStack, bin_dir: Path, workdir: Path, certs: Certs, kubeconfig: Path, all_controllers: bool
 ) -> Process:
     port = free_port()
+    # With pods, every default controller (jobs, endpoints, PV binding, ...); without, only
+    # the ones whose work needs no pods, so that no controller reacts to pods that never run.
+    controllers = "*" if all_controllers else ",".join(CONTROLLERS)
     proc = stack.enter_context(
         Process.start(
             "kube-controller-manager",
@@ -217,7 +239,7 @@ def _start_controller_manager(
                 "--bind-address=127.0.0.1",
                 f"--secure-port={port}",
                 f"--cert-dir={workdir / 'kcm-certs'}",
-                f"--controllers={','.join(CONTROLLERS)}",
+                f"--controllers={controllers}",
                 f"--service-account-private-key-file={certs.sa_key}",
                 f"--root-ca-file={certs.ca_cert}",
                 "--profiling=false",
@@ -229,9 +251,32 @@ def _start_controller_manager(
     return proc
 
 
+@dataclass(frozen=True)
+class ClusterNetwork:
+    """Addresses of a cluster whose pods run (``node.py``). ``host_ip`` is the machine's
+    own address: the API server's advertised address and the node's InternalIP, which
+    pods can reach (loopback they cannot)."""
+
+    host_ip: str
+    pod_cidr: str = "10.244.0.0/16"
+    service_cidr: str = "10.0.0.0/24"
+    dns_ip: str = "10.0.0.10"
+    bridge: str = "kubetune0"
+    cluster_domain: str = "cluster.local"
+
+    @property
+    def kubernetes_service_ip(self) -> str:
+        network, _ = self.service_cidr.split("/")
+        return network.rsplit(".", 1)[0] + ".1"
+
+
 @contextmanager
-def running(bin_dir: Path, workdir: Path) -> Iterator[ControlPlane]:
+def running(bin_dir: Path, workdir: Path, pod_network: ClusterNetwork | None = None) -> Iterator[ControlPlane]:
     """Start etcd, kube-apiserver and kube-controller-manager; stop them all on exit.
+
+    With ``pod_network`` the control plane is ready for a node (``node.py``): the API
+    server listens on the machine's address too (its certificate names it and
+    service/kubernetes), and the controller manager runs every controller.
 
     Logs are ``<workdir>/<process>.log``. Raises ControlPlaneError, with the tails of all
     logs, when startup fails (after stopping whatever had started).
@@ -239,27 +284,33 @@ def running(bin_dir: Path, workdir: Path) -> Iterator[ControlPlane]:
     workdir.mkdir(parents=True, exist_ok=True)
     with ExitStack() as stack:  # unwinds in reverse: KCM, apiserver, etcd
         try:
-            cp = _start_all(stack, bin_dir, workdir)
+            cp = _start_all(stack, bin_dir, workdir, pod_network)
         except ControlPlaneError as exc:
             stack.close()  # stop first, so that the logs are complete
             raise ControlPlaneError(f"control plane failed to start: {exc}\n{log_tails(workdir)}") from exc
         yield cp
 
 
-def _start_all(stack: ExitStack, bin_dir: Path, workdir: Path) -> ControlPlane:
+def _start_all(stack: ExitStack, bin_dir: Path, workdir: Path, pod_network: ClusterNetwork | None) -> ControlPlane:
     admin_token, user_token = secrets.token_hex(16), secrets.token_hex(16)
+    sans: list[str] = []
+    if pod_network is not None:
+        sans = [f"IP:{pod_network.host_ip}", f"IP:{pod_network.kubernetes_service_ip}"]
+        sans += [f"DNS:kubernetes.default.svc{suffix}" for suffix in ("", f".{pod_network.cluster_domain}")]
+        sans += ["DNS:kubernetes", "DNS:kubernetes.default"]
     certs = generate_certs(
         workdir / "pki",
         tokens=[
             (admin_token, ADMIN_USER, ["system:masters"]),
             (user_token, UNPRIVILEGED_USER, []),
         ],
+        extra_sans=sans,
     )
     etcd_url = _start_etcd(stack, bin_dir, workdir)
-    server, apiserver = _start_apiserver(stack, bin_dir, workdir, certs, etcd_url, admin_token)
+    server, apiserver = _start_apiserver(stack, bin_dir, workdir, certs, etcd_url, admin_token, pod_network)
     admin_kc = _kubeconfig(workdir / "kubeconfig", server, certs.ca_cert, ADMIN_USER, admin_token)
     user_kc = _kubeconfig(workdir / "kubeconfig-e2e-user", server, certs.ca_cert, UNPRIVILEGED_USER, user_token)
-    kcm = _start_controller_manager(stack, bin_dir, workdir, certs, admin_kc)
+    kcm = _start_controller_manager(stack, bin_dir, workdir, certs, admin_kc, all_controllers=pod_network is not None)
     cp = ControlPlane(
         server=server,
         ca_path=certs.ca_cert,

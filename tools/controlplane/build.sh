@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Build (or reuse) the Kubernetes control-plane binaries used by tests/e2e:
-#   kube-apiserver, kube-controller-manager, kubectl  (k8s.io/kubernetes, this module)
+# Build (or reuse) the Kubernetes binaries used by tests/e2e and scripts/cluster.sh:
+#   kube-apiserver, kube-controller-manager, kube-scheduler,
+#   kubelet, kube-proxy, kubectl                      (k8s.io/kubernetes, this module)
 #   etcd                                              (go.etcd.io/etcd/server/v3, this module)
 #   helm                                              (helm.sh/helm/v4, module ./helm)
 #
@@ -15,7 +16,7 @@
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-BINARIES=(kube-apiserver kube-controller-manager kubectl etcd helm)
+BINARIES=(kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy kubectl etcd helm)
 
 # CI may run without HOME; Go (GOCACHE, GOMODCACHE) and the cache path below need it.
 if [ -z "${HOME:-}" ]; then
@@ -83,10 +84,13 @@ KLDF="-s -w -X $V.gitVersion=$KVER -X $V.gitMajor=1 -X $V.gitMinor=$KMINOR -X $V
 KLDF="$KLDF -X $V.buildDate=1970-01-01T00:00:00Z"
 (
   cd "$here"
-  # One `go build` for all three: shared packages are compiled once.
+  # One `go build` for all of them: shared packages are compiled once.
   go build -trimpath -pgo=off -ldflags "$KLDF" -o "$OUT/" \
     k8s.io/kubernetes/cmd/kube-apiserver \
     k8s.io/kubernetes/cmd/kube-controller-manager \
+    k8s.io/kubernetes/cmd/kube-scheduler \
+    k8s.io/kubernetes/cmd/kubelet \
+    k8s.io/kubernetes/cmd/kube-proxy \
     k8s.io/kubernetes/cmd/kubectl
   log "kubernetes binaries done after $((SECONDS - start)) s"
   go build -trimpath -pgo=off -ldflags "-s -w" -o "$OUT/etcd" go.etcd.io/etcd/server/v3

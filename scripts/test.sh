@@ -11,6 +11,7 @@ export GOTOOLCHAIN=local
 KUBETUNE_CP_BIN=$(bash tools/controlplane/build.sh)
 export KUBETUNE_CP_BIN
 bash tools/node/build.sh >/dev/null
+bash tools/images/build.sh all >/dev/null
 .venv/bin/ruff check operator trainer tests bench scripts
 .venv/bin/mypy
 .venv/bin/lint-imports

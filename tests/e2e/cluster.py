@@ -17,7 +17,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,11 +73,10 @@ def running_cluster(workdir: Path, *, install_kubetune: bool = True) -> Iterator
     images = {**addons.node_images(node_bin, workdir / "images"), **project_images()}
     network = ClusterNetwork(host_ip=detect_host_ip())
     t1 = _step(f"binaries and images ready after {time.monotonic() - t0:.0f} s; starting the cluster")
-    with (
-        running(kube_bin, workdir, network) as cp,
-        running_node(cp, kube_bin, node_bin, workdir, network, gpus=GPUS) as node,
-    ):
+    with ExitStack() as stack:
         try:
+            cp = stack.enter_context(running(kube_bin, workdir, network))
+            node = stack.enter_context(running_node(cp, kube_bin, node_bin, workdir, network, gpus=GPUS))
             _step(f"node {node.name} Ready; importing images")
             for image in images.values():
                 node.import_image(image)
@@ -90,7 +89,9 @@ def running_cluster(workdir: Path, *, install_kubetune: bool = True) -> Iterator
                 addons.install_kubetune(cp, images["operator"].ref, images["trainer"].ref)
                 addons.stage_examples(cp)
         except ControlPlaneError as exc:
-            raise ControlPlaneError(f"{exc}\n{log_tails(workdir)}") from exc
+            tails = log_tails(workdir)  # before the processes stop: what they said while failing
+            stack.close()
+            raise ControlPlaneError(f"{exc}\n{tails}") from exc
         _step(f"cluster up after {time.monotonic() - t1:.0f} s")
         yield Cluster(cp, node, network, images)
 

@@ -73,15 +73,20 @@ class Node:
 
     def import_image(self, image: ImageArchive) -> None:
         """Import ``image`` unless containerd already has that reference (refs carry a
-        content hash, so an existing ref is the same image)."""
-        if image.ref in self.ctr("images", "ls", "--quiet").stdout.split():
-            return
-        # --local: import without the transfer service's platform matching quirks.
-        res = self.ctr("images", "import", "--no-unpack=false", str(image.path), check=False)
-        if res.returncode != 0:
-            raise ControlPlaneError(f"importing {image.ref} from {image.path} failed: {res.stderr.strip()}")
-        if image.ref not in self.ctr("images", "ls", "--quiet").stdout.split():
-            raise ControlPlaneError(f"{image.path} did not provide {image.ref}: {res.stdout.strip()}")
+        content hash, so an existing ref is the same image), then drop the other tags of its
+        repository: containerd's content store is kept between runs, and every source change
+        makes a new multi-GB trainer image."""
+        refs = self.ctr("images", "ls", "--quiet").stdout.split()
+        if image.ref not in refs:
+            res = self.ctr("images", "import", str(image.path), check=False)
+            if res.returncode != 0:
+                raise ControlPlaneError(f"importing {image.ref} from {image.path} failed: {res.stderr.strip()}")
+            if image.ref not in self.ctr("images", "ls", "--quiet").stdout.split():
+                raise ControlPlaneError(f"{image.path} did not provide {image.ref}: {res.stdout.strip()}")
+        repository = image.ref.rsplit(":", 1)[0]
+        stale = [ref for ref in refs if ref.rsplit(":", 1)[0] == repository and ref != image.ref]
+        if stale:
+            self.ctr("images", "rm", *stale, check=False)
 
 
 # --------------------------------------------------------------------------- host checks
@@ -193,7 +198,39 @@ def containerd_root() -> Path:
     return Path(os.environ.get("KUBETUNE_CONTAINERD_ROOT", f"{cache}/kubetune/containerd"))
 
 
+def _kill_stale_shims(node_bin: Path) -> list[int]:
+    """Kill the container shims (and the containers under them) that a test node killed
+    by SIGKILL left running: nothing else would ever stop them. Only shims started from
+    this project's node binaries (``node_bin``'s parent) are touched."""
+    cache = str(node_bin.parent)
+    parents: dict[int, int] = {}
+    shims: list[int] = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        with suppress(OSError):
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+            parents[int(proc.name)] = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            if (
+                argv
+                and argv[0].decode(errors="replace").startswith(cache)
+                and argv[0].endswith(b"containerd-shim-runc-v2")
+            ):
+                shims.append(int(proc.name))
+    doomed = set(shims)
+    while True:  # every descendant: the containers' processes
+        more = {pid for pid, ppid in parents.items() if ppid in doomed} - doomed
+        if not more:
+            break
+        doomed |= more
+    for pid in doomed:
+        with suppress(OSError):
+            os.kill(pid, 9)
+    return shims
+
+
 def _start_containerd(stack: ExitStack, node_bin: Path, workdir: Path, network: ClusterNetwork) -> Path:
+    _kill_stale_shims(node_bin)
     base = workdir / "containerd"
     cni_conf = base / "net.d"
     cni_conf.mkdir(parents=True, exist_ok=True)

@@ -1,10 +1,11 @@
 """Static checks of the two images (no Docker engine here to build them) and hadolint.
 
 What can be checked without building: pinned bases, non-root user, installs pinned by
-constraints.txt with the right extras, the commands the operator and the pods run, the
-read-only-root layout (HOME and caches), and that the build context lets in exactly what
-the Dockerfiles COPY. The trainer image must agree with the pods that
-kubetune/render/children.py renders (user, environment, commands).
+constraints.txt with the right extras, a dependency layer that a source change does not
+rebuild, the commands the operator and the pods run, the read-only-root layout (HOME and
+caches), and that the build context lets in exactly what the Dockerfiles COPY. The trainer
+image must agree with the pods that kubetune/render/children.py renders (user,
+environment, commands). tools/images/build.sh builds them for real (docs/images.md).
 """
 
 from __future__ import annotations
@@ -32,21 +33,41 @@ class Instruction:
     args: str
 
 
-def parse(path: Path) -> list[list[Instruction]]:
-    """The instructions of each stage (comments dropped, continuation lines joined)."""
+def _instructions(path: Path) -> list[Instruction]:
+    """Every instruction in order (comments dropped, continuation lines joined)."""
     text = re.sub(
         r"\\\n", " ", "\n".join(line for line in path.read_text().splitlines() if not line.lstrip().startswith("#"))
     )
-    stages: list[list[Instruction]] = []
+    instructions = []
     for line in text.splitlines():
-        if not line.strip():
-            continue
-        name, _, args = line.strip().partition(" ")
-        if name.upper() == "FROM":
+        if line.strip():
+            name, _, args = line.strip().partition(" ")
+            instructions.append(Instruction(name.upper(), " ".join(args.split())))
+    return instructions
+
+
+def parse(path: Path) -> list[list[Instruction]]:
+    """The instructions of each stage; the global ARGs before the first FROM are left out."""
+    stages: list[list[Instruction]] = []
+    for instruction in _instructions(path):
+        if instruction.name == "FROM":
             stages.append([])
-        assert stages, f"{path.name}: {name} before FROM"
-        stages[-1].append(Instruction(name.upper(), " ".join(args.split())))
+        elif not stages:
+            assert instruction.name == "ARG", f"{path.name}: {instruction.name} before FROM"
+            continue
+        stages[-1].append(instruction)
     return stages
+
+
+def _global_args(path: Path) -> dict[str, str]:
+    """The ARGs before the first FROM (the only ones a FROM line can use), with their defaults."""
+    args: dict[str, str] = {}
+    for instruction in _instructions(path):
+        if instruction.name == "FROM":
+            break
+        key, _, default = instruction.args.partition("=")
+        args[key] = default
+    return args
 
 
 def _all(path: Path, name: str) -> list[str]:
@@ -75,13 +96,24 @@ IMAGES = {
 
 @pytest.mark.parametrize("dockerfile", sorted(IMAGES))
 def test_base_images_are_pinned(dockerfile: str) -> None:
-    bases = _all(ROOT / dockerfile, "FROM")
-    assert bases
-    for base in bases:
-        image = base.split()[0]
-        _, _, tag = image.partition(":")
-        assert tag and tag != "latest", f"{image}: pin the base image by tag"
-        assert re.match(r"^\d+\.\d+\.\d+-", tag), f"{image}: pin the full version, not a moving minor tag"
+    # Every stage starts from the BASE build arg or from an earlier stage: one base per image,
+    # which tools/images/build.sh replaces by its stand-in where no registry is reachable.
+    stages: list[str] = []
+    for base in _all(ROOT / dockerfile, "FROM"):
+        image, _, alias = base.partition(" AS ")
+        assert image == "${BASE}" or image in stages, f"{base}: FROM ${{BASE}} or an earlier stage"
+        stages.append(alias.strip())
+    assert stages
+    # The default, what a plain `docker build` uses, is the official image, pinned.
+    default = _global_args(ROOT / dockerfile).get("BASE", "")
+    image, _, tag = default.partition(":")
+    assert image == "python", f"BASE={default}: the official python image by default"
+    assert tag and tag != "latest", f"BASE={default}: pin the base image by tag"
+    assert re.match(r"^\d+\.\d+\.\d+-", tag), f"BASE={default}: pin the full version, not a moving minor tag"
+
+
+def test_both_images_default_to_the_same_base() -> None:
+    assert len({_global_args(ROOT / dockerfile)["BASE"] for dockerfile in IMAGES}) == 1
 
 
 @pytest.mark.parametrize("dockerfile", sorted(IMAGES))
@@ -98,9 +130,38 @@ def test_installs_its_extras_with_the_constraints(dockerfile: str) -> None:
     installs = [run for run in _all(ROOT / dockerfile, "RUN") if "pip install" in run]
     assert installs
     for run in installs:
-        assert "-c constraints.txt" in run, run
-    assert any(f'".[{extras}]"' in run for run in installs)
+        # Whatever comes from the index is pinned; the project's own install adds nothing else.
+        assert "-c constraints.txt" in run or "--no-deps" in run, run
+    assert any(f'".[{extras}]"' in run and "-c constraints.txt" in run for run in installs)
     assert not any("--index-url" in run or "--extra-index-url" in run for run in installs), "torch comes from PyPI"
+
+
+@pytest.mark.parametrize("dockerfile", sorted(IMAGES))
+def test_dependencies_are_a_layer_of_their_own(dockerfile: str) -> None:
+    """A source change must not reinstall the dependencies (the trainer's are 7 GB).
+
+    The extras install before any source is copied, from pyproject.toml and constraints.txt
+    alone; the project installs after the sources, without dependencies; the image is the
+    dependency stage plus the project's own layer (FROM it: copying the venv into a fresh
+    stage would duplicate it on every build).
+    """
+    extras, _ = IMAGES[dockerfile]
+    stages = parse(ROOT / dockerfile)
+    flat = [i for stage in stages for i in stage]
+    deps = next(n for n, i in enumerate(flat) if i.name == "RUN" and f'".[{extras}]"' in i.args)
+    copied = [i.args.split()[:-1] for i in flat[:deps] if i.name == "COPY" and not i.args.startswith("--from")]
+    before = sorted(source for sources in copied for source in sources)
+    assert before == ["constraints.txt", "pyproject.toml"], f"copied before the dependencies install: {before}"
+    sources = [n for n, i in enumerate(flat) if i.name == "COPY" and i.args.split()[0] in ("operator/", "trainer/")]
+    assert sources and min(sources) > deps
+    project = [i.args for i in flat[max(sources) :] if i.name == "RUN" and "pip install" in i.args]
+    assert project and all("--no-deps" in run for run in project)
+
+    deps_stage = next(stage for stage in stages if any(f'".[{extras}]"' in i.args for i in stage))
+    final = stages[-1]
+    assert final[0].args == deps_stage[0].args.split(" AS ")[-1], "the image is FROM the dependency stage"
+    assert [i.name for i in final].count("RUN") == 0, "no other layer in the final stage"
+    assert [i.args.split()[0] for i in final if i.name == "COPY"] == ["--from=build"]
 
 
 @pytest.mark.parametrize("dockerfile", sorted(IMAGES))

@@ -19,7 +19,13 @@ from kubetune_trainer.__main__ import main, run_job
 from kubetune_trainer.config import ConfigError, RunOptions, check_supported
 from kubetune_trainer.metrics import PrometheusReporter
 from kubetune_trainer.models import ModelError, local_model_path
-from kubetune_trainer.progress import ConsoleReporter, JsonLinesReporter, ProgressEvent, read_events
+from kubetune_trainer.progress import (
+    ConsoleReporter,
+    JsonLinesReporter,
+    LogLinesReporter,
+    ProgressEvent,
+    read_events,
+)
 
 
 @pytest.mark.parametrize(
@@ -127,6 +133,22 @@ def test_json_lines_and_console_reporters(tmp_path: Path) -> None:
     console.close()
     text = stream.getvalue()
     assert "5/20" in text and "loss=1.2500" in text and "val_loss 0.5000" in text
+
+
+def test_log_lines_reporter_throttles_steps_but_keeps_first_last_and_validation() -> None:
+    stream = io.StringIO()
+    lines = LogLinesReporter(stream=stream, interval_s=3600)
+    for step in range(1, 21):
+        lines.report(ProgressEvent(kind="step", step=step, max_steps=20, loss=1.0 / step, eta_seconds=75.0))
+        if step == 10:
+            lines.report(ProgressEvent(kind="validation", step=10, max_steps=20, val_loss=0.5))
+    text = stream.getvalue().splitlines()
+    assert text == [
+        "step 1/20 (5.0%), epoch 0.00, loss 1.0000, eta 1m15s",
+        "step 10: val_loss 0.5000",
+        "step 20/20 (100.0%), epoch 0.00, loss 0.0500",
+    ]
+    assert "\r" not in stream.getvalue()
 
 
 def test_prometheus_reporter_serves_metrics() -> None:

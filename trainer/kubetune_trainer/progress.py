@@ -4,6 +4,8 @@ A training loop (either backend) emits `ProgressEvent`s through a `Reporter`. On
 reports; other ranks get `NullReporter`. Sinks shipped here:
 
 - `ConsoleReporter`: a tqdm progress bar (for `kubetune run` and interactive use);
+- `LogLinesReporter`: plain log lines, throttled, for `kubectl logs` and CI logs, where a
+  bar's carriage returns would pile up into one unreadable line;
 - `JsonLinesReporter`: one JSON object per event appended to a file (tests, log shippers,
   and the operator's transport, which tails it or replaces it with a status patcher);
 - `MultiReporter`: fan-out to several sinks.
@@ -158,6 +160,52 @@ class ConsoleReporter:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
+
+class LogLinesReporter:
+    """One line per step at most every ``interval_s`` (the first and last step always),
+    plus every validation, checkpoint, start and end message."""
+
+    def __init__(self, stream: TextIO | None = None, interval_s: float = 10.0) -> None:
+        self.stream = stream if stream is not None else sys.stderr
+        self.interval_s = interval_s
+        self.last_line = 0.0
+
+    def _write(self, line: str) -> None:
+        print(line, file=self.stream, flush=True)
+
+    def report(self, event: ProgressEvent) -> None:
+        if event.kind == "step":
+            now = time.monotonic()
+            first_or_last = event.step <= 1 or event.step == event.max_steps
+            if not first_or_last and now - self.last_line < self.interval_s:
+                return
+            self.last_line = now
+            parts = [f"step {event.step}/{event.max_steps} ({event.percentage_done:.1f}%)", f"epoch {event.epoch:.2f}"]
+            if event.loss is not None:
+                parts.append(f"loss {event.loss:.4f}")
+            if event.lr is not None:
+                parts.append(f"lr {event.lr:.2e}")
+            if event.tokens_per_second is not None:
+                parts.append(f"{event.tokens_per_second:,.0f} tok/s")
+            if event.eta_seconds is not None and event.step < event.max_steps:
+                parts.append(f"eta {_duration(event.eta_seconds)}")
+            self._write(", ".join(parts))
+        elif event.kind == "validation" and event.val_loss is not None:
+            self._write(f"step {event.step}: val_loss {event.val_loss:.4f}")
+        elif event.kind == "checkpoint" and event.checkpoint_path:
+            self._write(f"step {event.step}: checkpoint {event.checkpoint_path}")
+        elif event.kind in ("start", "end") and event.message:
+            self._write(event.message)
+
+    def close(self) -> None:
+        pass
 
 
 class JsonLinesReporter:

@@ -1,23 +1,26 @@
 """The reporters a job's main process uses, the same for both backends.
 
-Console bar and JSON lines (kubetune run, tests), Prometheus (KUBETUNE_METRICS_PORT), the
-job's own status in a cluster (KUBETUNE_PROGRESS=kubernetes, see kube_status.py) and the
-requested experiment trackers.
+A console bar on a terminal, else log lines (pods, CI); JSON lines (kubetune run, tests),
+Prometheus (KUBETUNE_METRICS_PORT), the job's own status in a cluster
+(KUBETUNE_PROGRESS=kubernetes, see kube_status.py) and the requested experiment trackers.
 """
 
 from __future__ import annotations
+
+import sys
 
 from kubetune.planning.resolved import ResolvedJob
 from kubetune_trainer.config import RunOptions
 from kubetune_trainer.kube_status import reporter_from_env
 from kubetune_trainer.metrics import PrometheusReporter, integration_reporters
-from kubetune_trainer.progress import ConsoleReporter, JsonLinesReporter, MultiReporter, Reporter
+from kubetune_trainer.progress import ConsoleReporter, JsonLinesReporter, LogLinesReporter, MultiReporter, Reporter
 
 
 def job_reporter(job: ResolvedJob, options: RunOptions) -> MultiReporter:
     reporters: list[Reporter] = []
     if options.progress_bar:
-        reporters.append(ConsoleReporter(description=job.output.name))
+        bar = sys.stderr.isatty()
+        reporters.append(ConsoleReporter(description=job.output.name) if bar else LogLinesReporter())
     if options.progress_file:
         reporters.append(JsonLinesReporter(options.progress_file))
     if options.metrics_port:

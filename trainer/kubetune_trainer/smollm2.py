@@ -54,10 +54,19 @@ def gguf_path() -> Path:
     return path
 
 
+def _make_readable(folder: Path) -> None:
+    """safetensors writes its file owner-only (0600); the folder is also served read-only to
+    trainer pods (uid 1000) by scripts/cluster.sh, so everyone may read it."""
+    for path in folder.iterdir():
+        if path.stat().st_mode & 0o444 != 0o444:
+            path.chmod(0o644)
+
+
 def fetch() -> Path:
     """The converted model folder (converting it on first use)."""
     target = target_folder()
     if (target / DONE_MARKER).is_file():
+        _make_readable(target)  # folders converted before this was done
         return target
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -83,6 +92,7 @@ def fetch() -> Path:
     plain.save_pretrained(partial, safe_serialization=True)
     tokenizer.save_pretrained(partial)
     (partial / DONE_MARKER).write_text(f"{PACKAGE} {package_version()} {source.name}\n", encoding="utf-8")
+    _make_readable(partial)
     shutil.rmtree(target, ignore_errors=True)
     partial.rename(target)
     return target

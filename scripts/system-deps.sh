@@ -4,9 +4,10 @@
 #   containernetworking-plugins  the CNI plugins (bridge, host-local, loopback, portmap)
 #   libseccomp-dev, pkg-config   runc's seccomp support (built from source, cgo)
 #   iptables, conntrack          kube-proxy's Service routing
+#   busybox-static               the training-operator's worker init container (sh, nslookup)
 # Idempotent and quiet when everything is there.
 set -euo pipefail
-PACKAGES=(buildah debootstrap containernetworking-plugins libseccomp-dev pkg-config gcc iptables conntrack)
+PACKAGES=(buildah debootstrap containernetworking-plugins libseccomp-dev pkg-config gcc iptables conntrack busybox-static)
 missing=()
 for p in "${PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

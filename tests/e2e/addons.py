@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ from typing import Any
 import yaml
 
 from .controlplane import REPO_ROOT, ClusterNetwork, ControlPlane
-from .images import ImageArchive, static_image_archive
+from .images import Image, static_image_archive
 from .node import SANDBOX_IMAGE, Node
 from .procs import ControlPlaneError
 
@@ -55,8 +54,35 @@ def wait_rollout(cp: ControlPlane, namespace: str, deployment: str, timeout_s: f
 # --------------------------------------------------------------------------- images
 
 
-def node_images(node_bin: Path, out_dir: Path) -> dict[str, ImageArchive]:
-    """The pause, CoreDNS and training-operator images, each one static binary."""
+BUSYBOX = Path("/bin/busybox")  # Debian's busybox-static
+# The worker init container's template (the training-operator reads it from
+# /etc/config/initContainer.yaml): upstream's, except that success is an answer in any
+# search domain. Busybox 1.35's nslookup exits 1 when one search domain has no answer even
+# after another had it (upstream's alpine 3.10 did not); its shell runs its own applets.
+INIT_CONTAINER_TEMPLATE = """\
+- name: init-pytorch
+  image: {{.InitContainerImage}}
+  imagePullPolicy: IfNotPresent
+  resources:
+    limits: {cpu: 100m, memory: 20Mi}
+    requests: {cpu: 50m, memory: 10Mi}
+  command:
+  - sh
+  - -c
+  - >-
+    err=1; for i in $(seq {{.MaxTries}}); do
+    if nslookup {{.MasterAddr}} | grep -q "^Name:"; then err=0 && break; fi;
+    echo waiting for master; sleep 2; done; exit $err
+"""
+
+
+def node_images(node_bin: Path, out_dir: Path) -> dict[str, Image]:
+    """The pause, CoreDNS and training-operator images, each one static binary, and the
+    training-operator's worker init container (busybox: `sh`, `nslookup` until the master's
+    Service resolves; upstream pulls alpine for it)."""
+    if not BUSYBOX.is_file():
+        raise ControlPlaneError(f"{BUSYBOX} is missing: apt-get install busybox-static (scripts/system-deps.sh)")
+    applets = ("sh", "seq", "sleep", "echo", "grep")
     return {
         "pause": static_image_archive(
             SANDBOX_IMAGE.rsplit(":", 1)[0], SANDBOX_IMAGE.rsplit(":", 1)[1], node_bin / "pause", out_dir,
@@ -69,6 +95,10 @@ def node_images(node_bin: Path, out_dir: Path) -> dict[str, ImageArchive]:
         "training-operator": static_image_archive(
             "localhost/kubetune/training-operator", TRAINING_OPERATOR_VERSION, node_bin / "training-operator",
             out_dir, entrypoint=["/manager"], user="65532:65532",
+        ),
+        "pytorch-init": static_image_archive(
+            "localhost/kubetune/pytorch-init", "busybox-1.35", BUSYBOX, out_dir, entrypoint=["/bin/busybox"],
+            links={f"/bin/{applet}": "busybox" for applet in applets},
         ),
     }  # fmt: skip
 
@@ -257,22 +287,31 @@ def claim_host_path(cp: ControlPlane, namespace: str, claim: str) -> Path:
 # --------------------------------------------------------------------------- training-operator
 
 
-def install_training_operator(cp: ControlPlane, node_bin: Path, workdir: Path, image: str) -> None:
+def install_training_operator(cp: ControlPlane, node_bin: Path, workdir: Path, image: str, init_image: str) -> None:
     """The Kubeflow training-operator from its own manifests (``overlays/standalone``:
     namespace ``kubeflow``, its webhook and the certificate Secret it rotates itself), with
-    the locally built image and only the PyTorchJob controller enabled."""
+    the locally built image, the local worker init image and only the PyTorchJob controller."""
     base = workdir / "training-operator"
     shutil.rmtree(base, ignore_errors=True)
     shutil.copytree(node_bin / "training-operator-manifests", base / "manifests")
     overlay = base / "kubetune"
     overlay.mkdir()
     repository, tag = image.rsplit(":", 1)
+    (overlay / "initContainer.yaml").write_text(INIT_CONTAINER_TEMPLATE)
     (overlay / "kustomization.yaml").write_text(
         yaml.safe_dump(
             {
                 "apiVersion": "kustomize.config.k8s.io/v1beta1",
                 "kind": "Kustomization",
+                "namespace": "kubeflow",
                 "resources": ["../manifests/overlays/standalone"],
+                "configMapGenerator": [
+                    {
+                        "name": "pytorch-init-container",
+                        "files": ["initContainer.yaml"],
+                        "options": {"disableNameSuffixHash": True},
+                    }
+                ],
                 "images": [
                     {"name": "ghcr.io/kubeflow/training-v1/training-operator", "newName": repository, "newTag": tag}
                 ],
@@ -285,12 +324,28 @@ def install_training_operator(cp: ControlPlane, node_bin: Path, workdir: Path, i
                                 {
                                     "op": "add",
                                     "path": "/spec/template/spec/containers/0/args",
-                                    "value": ["--enable-scheme=pytorchjob"],
+                                    "value": [
+                                        "--enable-scheme=pytorchjob",
+                                        f"--pytorch-init-container-image={init_image}",
+                                    ],
                                 },
                                 {
                                     "op": "add",
                                     "path": "/spec/template/spec/containers/0/imagePullPolicy",
                                     "value": "Never",
+                                },
+                                {
+                                    "op": "add",
+                                    "path": "/spec/template/spec/volumes/-",
+                                    "value": {
+                                        "name": "init-container",
+                                        "configMap": {"name": "pytorch-init-container"},
+                                    },
+                                },
+                                {
+                                    "op": "add",
+                                    "path": "/spec/template/spec/containers/0/volumeMounts/-",
+                                    "value": {"name": "init-container", "mountPath": "/etc/config", "readOnly": True},
                                 },
                             ]
                         ),
@@ -324,11 +379,9 @@ def install_kubetune(
     }
     values_file = cp.workdir / f"helm-values-{release}.yaml"
     values_file.write_text(yaml.safe_dump(values))
-    argv = [
-        str(cp.bin_dir / "helm"), "install", release, str(CHART), "--namespace", namespace, "--create-namespace",
-        f"--kubeconfig={cp.kubeconfig}", "-f", str(values_file),
-    ]  # fmt: skip
-    res = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=300)
+    res = cp.helm(
+        "install", release, str(CHART), "--namespace", namespace, "--create-namespace", "-f", str(values_file)
+    )
     if res.returncode != 0:
         raise ControlPlaneError(f"helm install failed: {res.stderr.strip()}")
     deployments = json.loads(cp.kubectl("get", "deployments", "-n", namespace, "-o", "json", check=True).stdout)[
@@ -350,7 +403,7 @@ def wait_for(predicate: Any, timeout_s: float, what: str, interval_s: float = 1.
         time.sleep(interval_s)
 
 
-def import_all(node: Node, images: dict[str, ImageArchive]) -> None:
+def import_all(node: Node, images: dict[str, Image]) -> None:
     for image in images.values():
         node.import_image(image)
 

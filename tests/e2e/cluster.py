@@ -11,7 +11,6 @@ kubetune's Helm chart (``addons.py``). The e2e fixture ``cluster`` and
 from __future__ import annotations
 
 import argparse
-import signal
 import subprocess
 import sys
 import tempfile
@@ -23,9 +22,9 @@ from pathlib import Path
 
 from . import addons
 from .controlplane import REPO_ROOT, ClusterNetwork, ControlPlane, find_bin_dir, running
-from .images import ImageArchive, project_images
+from .images import Image, project_images
 from .node import Node, detect_host_ip, running_node
-from .procs import ControlPlaneError, log_tails
+from .procs import ControlPlaneError, log_tails, serve_until_interrupted
 
 STORAGE_VOLUMES = 40
 GPUS = 8
@@ -36,7 +35,7 @@ class Cluster:
     cp: ControlPlane
     node: Node
     network: ClusterNetwork
-    images: dict[str, ImageArchive]
+    images: dict[str, Image]
     """Every image imported into the node, by name (trainer, operator, coredns, ...)."""
     operator_namespace: str = "kubetune-system"
 
@@ -83,7 +82,9 @@ def running_cluster(workdir: Path, *, install_kubetune: bool = True) -> Iterator
             _step("CoreDNS, storage, training-operator")
             addons.install_coredns(cp, network, images["coredns"].ref)
             addons.install_storage(cp, workdir / "volumes", STORAGE_VOLUMES)
-            addons.install_training_operator(cp, node_bin, workdir, images["training-operator"].ref)
+            addons.install_training_operator(
+                cp, node_bin, workdir, images["training-operator"].ref, images["pytorch-init"].ref
+            )
             if install_kubetune:
                 _step("kubetune (helm install charts/kubetune)")
                 addons.install_kubetune(cp, images["operator"].ref, images["trainer"].ref)
@@ -105,25 +106,16 @@ def _debug_session(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-kubetune", action="store_true", help="leave kubetune out (install it yourself)")
     args = parser.parse_args(argv)
     workdir = (args.workdir or Path(tempfile.mkdtemp(prefix="kubetune-cluster-"))).resolve()
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, lambda *_: sys.exit(0))
-    try:
-        with running_cluster(workdir, install_kubetune=not args.no_kubetune) as cluster:
-            cp = cluster.cp
-            print(f"cluster up: {cp.server}, node {cluster.node.name} (logs in {workdir})")
-            print(f"export KUBECONFIG={cp.kubeconfig}")
-            print(f"export PATH={cp.bin_dir}:$PATH     # kubectl, helm")
-            print(f"# trainer image: {cluster.images['trainer'].ref}")
-            print("# try: kubectl apply -f examples/cluster-quickstart.yaml; kubectl get ctj -w")
-            print("Ctrl-C stops it.", flush=True)
-            signal.pause()
-    except ControlPlaneError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("\nstopped", file=sys.stderr)
-    return 0
+
+    def announce(cluster: Cluster) -> None:
+        cp = cluster.cp
+        print(f"cluster up: {cp.server}, node {cluster.node.name} (logs in {workdir})")
+        print(f"export KUBECONFIG={cp.kubeconfig}")
+        print(f"export PATH={cp.bin_dir}:$PATH     # kubectl, helm")
+        print(f"# trainer image: {cluster.images['trainer'].ref}")
+        print("# try: kubectl apply -f examples/cluster-quickstart.yaml; kubectl get ctj -w")
+
+    return serve_until_interrupted(running_cluster(workdir, install_kubetune=not args.no_kubetune), announce)
 
 
 if __name__ == "__main__":

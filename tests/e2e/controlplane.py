@@ -15,7 +15,6 @@ import json
 import os
 import re
 import secrets
-import signal
 import subprocess
 import sys
 import tempfile
@@ -26,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .certs import Certs, generate_certs
-from .procs import ControlPlaneError, Process, free_port, log_tails, wait_http
+from .procs import ControlPlaneError, Process, free_port, log_tails, serve_until_interrupted, wait_http
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BUILD_HINT = (
@@ -77,6 +76,21 @@ class ControlPlane:
             *args,
         ]
         return subprocess.run(argv, input=stdin, capture_output=True, text=True, check=check, timeout=timeout)
+
+    def kubectl_popen(self, *args: str) -> subprocess.Popen[str]:
+        """kubectl in the background (a ``--watch``), stdout as a text pipe; the caller kills it."""
+        argv = [
+            str(self.bin_dir / "kubectl"),
+            f"--kubeconfig={self.kubeconfig}",
+            f"--cache-dir={self.workdir / 'kubectl-cache'}",
+            *args,
+        ]
+        return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+
+    def helm(self, *args: str, timeout: float = 300.0) -> subprocess.CompletedProcess[str]:
+        """Run helm against this cluster (admin kubeconfig); never raises."""
+        argv = [str(self.bin_dir / "helm"), f"--kubeconfig={self.kubeconfig}", *args]
+        return subprocess.run(argv, capture_output=True, text=True, check=False, timeout=timeout)
 
     def user_kubectl(
         self, *args: str, stdin: str | None = None, timeout: float = 60.0
@@ -391,30 +405,24 @@ def _debug_session(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--crds", action="store_true", help="also install crds/ and Kubeflow CRDs")
     args = parser.parse_args(argv)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="kubetune-cp-"))
-    # Ctrl-C even where SIGINT came in ignored (background job); SIGTERM/SIGHUP: a normal
-    # exit. Either way the finally blocks stop the processes.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, lambda *_: sys.exit(0))
+
+    def announce(cp: ControlPlane) -> None:
+        if args.crds:
+            try:
+                install_manifests(cp, crd_files())
+            except ControlPlaneError as exc:  # keep it up: the refusal is worth debugging
+                print(f"warning: {exc}", file=sys.stderr)
+        print(f"control plane up: {cp.server} (logs in {cp.workdir})")
+        print(f"export KUBECONFIG={cp.kubeconfig}   # admin (system:masters)")
+        print(f"# unprivileged user: KUBECONFIG={cp.user_kubeconfig}")
+        print(f"export PATH={cp.bin_dir}:$PATH     # kubectl, helm")
+
     try:
-        with running(find_bin_dir(), workdir.resolve()) as cp:
-            if args.crds:
-                try:
-                    install_manifests(cp, crd_files())
-                except ControlPlaneError as exc:  # keep it up: the refusal is worth debugging
-                    print(f"warning: {exc}", file=sys.stderr)
-            print(f"control plane up: {cp.server} (logs in {cp.workdir})")
-            print(f"export KUBECONFIG={cp.kubeconfig}   # admin (system:masters)")
-            print(f"# unprivileged user: KUBECONFIG={cp.user_kubeconfig}")
-            print(f"export PATH={cp.bin_dir}:$PATH     # kubectl, helm")
-            print("Ctrl-C stops it.", flush=True)
-            signal.pause()
+        bin_dir = find_bin_dir()
     except ControlPlaneError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("\nstopped", file=sys.stderr)
-    return 0
+    return serve_until_interrupted(running(bin_dir, workdir.resolve()), announce)
 
 
 def crd_files(repo_root: Path = REPO_ROOT) -> list[Path]:

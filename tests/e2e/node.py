@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .controlplane import ClusterNetwork, ControlPlane
-from .images import ImageArchive
+from .images import Image
 from .procs import ControlPlaneError, Process, free_port, wait_http
 
 NODE_NAME = "kubetune-node"
@@ -71,22 +71,38 @@ class Node:
             raise ControlPlaneError(f"ctr {' '.join(args)} failed: {res.stderr.strip()}")
         return res
 
-    def import_image(self, image: ImageArchive) -> None:
+    def _image_targets(self) -> dict[str, str]:
+        """Every image reference in containerd and the manifest digest it points at."""
+        lines = self.ctr("images", "ls").stdout.splitlines()[1:]
+        return {fields[0]: fields[2] for fields in (line.split() for line in lines) if len(fields) > 2}
+
+    def import_image(self, image: Image) -> None:
         """Import ``image`` unless containerd already has that reference (refs carry a
         content hash, so an existing ref is the same image), then drop the other tags of its
-        repository: containerd's content store is kept between runs, and every source change
-        makes a new multi-GB trainer image."""
-        refs = self.ctr("images", "ls", "--quiet").stdout.split()
-        if image.ref not in refs:
-            res = self.ctr("images", "import", str(image.path), check=False)
-            if res.returncode != 0:
-                raise ControlPlaneError(f"importing {image.ref} from {image.path} failed: {res.stderr.strip()}")
-            if image.ref not in self.ctr("images", "ls", "--quiet").stdout.split():
-                raise ControlPlaneError(f"{image.path} did not provide {image.ref}: {res.stdout.strip()}")
+        repository: containerd's store is kept between runs, and every source change makes
+        a new multi-GB trainer image. Layers are discarded from the content store once
+        unpacked, and an archive written for the import is deleted after it."""
+        targets = self._image_targets()
         repository = image.ref.rsplit(":", 1)[0]
-        stale = [ref for ref in refs if ref.rsplit(":", 1)[0] == repository and ref != image.ref]
-        if stale:
-            self.ctr("images", "rm", *stale, check=False)
+        stale = [ref for ref in targets if ref.rsplit(":", 1)[0] == repository and ref != image.ref]
+        kept = {digest for ref, digest in targets.items() if ref not in stale and not ref.startswith("sha256:")}
+        # The CRI plugin keeps a `sha256:<image id>` reference per image; once no named
+        # reference points at that image any more, it only pins gigabytes of layers.
+        stale += [ref for ref, digest in targets.items() if ref.startswith("sha256:") and digest not in kept]
+        if stale:  # first: the trainer's archive and its import need the space
+            self.ctr("images", "rm", "--sync", *stale, check=False)
+        if image.ref in targets:
+            return
+        staging = self.workdir / "image-import.tar"
+        archive = image.write_archive(staging)
+        try:
+            res = self.ctr("images", "import", "--local", "--discard-unpacked-layers", str(archive), check=False)
+        finally:
+            staging.unlink(missing_ok=True)
+        if res.returncode != 0:
+            raise ControlPlaneError(f"importing {image.ref} failed: {res.stderr.strip()}")
+        if image.ref not in self.ctr("images", "ls", "--quiet").stdout.split():
+            raise ControlPlaneError(f"the archive of {image.ref} did not provide it: {res.stdout.strip()}")
 
 
 # --------------------------------------------------------------------------- host checks

@@ -17,15 +17,18 @@ import signal
 import socket
 import ssl
 import subprocess
+import sys
 import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, suppress
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, suppress
 from http import HTTPStatus
 from pathlib import Path
+from typing import TypeVar
 
+T = TypeVar("T")
 STOP_GRACE_S = 15.0
 LOG_TAIL_LINES = 40
 _LIVE: set[Process] = set()
@@ -168,3 +171,26 @@ def log_tails(workdir: Path, lines: int = LOG_TAIL_LINES) -> str:
             continue
         parts.append(f"--- last {len(text)} lines of {log}:\n" + "\n".join(text))
     return "\n".join(parts) or f"(no logs in {workdir})"
+
+
+def serve_until_interrupted(session: AbstractContextManager[T], announce: Callable[[T], None]) -> int:
+    """Enter ``session`` (a running control plane or cluster), ``announce`` it, and wait
+    for Ctrl-C; exit status 1 with the error when it does not start.
+
+    Ctrl-C even where SIGINT came in ignored (a background job); SIGTERM/SIGHUP end it
+    normally. Either way the session's finally blocks stop every process.
+    """
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, lambda *_: sys.exit(0))
+    try:
+        with session as value:
+            announce(value)
+            print("Ctrl-C stops it.", flush=True)
+            signal.pause()
+    except ControlPlaneError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\nstopped", file=sys.stderr)
+    return 0

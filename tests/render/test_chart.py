@@ -17,9 +17,12 @@ from typing import Any
 import pytest
 import yaml
 
+from kubetune.api.resources import CustomizationJobSpec, Source
 from kubetune.cli.documents import load_files
 from kubetune.cli.render import run_render
-from kubetune.handlers.settings import OperatorSettings, settings_from_env
+from kubetune.handlers.settings import OperatorSettings, SettingsError, settings_from_env
+from kubetune.planning.layout import compute_layout
+from kubetune.render.children import JobInput, render_children
 from kubetune.render.crds import crd_file_name, custom_resource_definitions, to_yaml
 from tests.cases import CLUSTER_EXAMPLES
 from tests.helmchart import CHART, ROOT, container_env, find, helm, settings_env_names, template
@@ -216,6 +219,28 @@ def test_trainer_settings(
     trainer = settings_from_env(container_env(find(template(values), "Deployment"))).trainer
     assert (trainer.image, trainer.image_pull_policy, trainer.gpu_resource) == (image, pull_policy, gpu)
     assert (trainer.backoff_limit, trainer.progress_interval_seconds, trainer.shm_size) == (backoff, interval, shm)
+
+
+def test_trainer_resources_reach_every_training_container() -> None:
+    values = {"trainer": {"resources": {"requests": {"cpu": 8, "memory": "64Gi"}, "limits": {"memory": "96Gi"}}}}
+    trainer = settings_from_env(container_env(find(template(values), "Deployment"))).trainer
+    assert trainer.resources == {"requests": {"cpu": "8", "memory": "64Gi"}, "limits": {"memory": "96Gi"}}
+    spec = CustomizationJobSpec.model_validate({"automodel": {"model": "m", "dataset": {"training": "d"}}})
+    assert spec.automodel is not None
+    pvc = Source.model_validate({"pvc": {"claimName": "inputs", "path": "x"}})
+    job = JobInput("j", "ns", "uid", spec, compute_layout(spec.automodel), {"model": pvc, "training": pvc})
+    pytorchjob = next(c for c in render_children(job, trainer) if c["kind"] == "PyTorchJob")
+    container = pytorchjob["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]
+    assert container["resources"] == {
+        "requests": {"cpu": "8", "memory": "64Gi"},
+        "limits": {"memory": "96Gi", "nvidia.com/gpu": "1"},
+    }
+
+
+@pytest.mark.parametrize("value", ["[1]", '{"limits": 3}', '{"spare": {}}', "{not json"])
+def test_malformed_trainer_resources_are_refused(value: str) -> None:
+    with pytest.raises(SettingsError, match="KUBETUNE_TRAINER_RESOURCES"):
+        settings_from_env({"KUBETUNE_TRAINER_RESOURCES": value})
 
 
 def test_chart_defaults_match_the_operator_defaults() -> None:

@@ -53,14 +53,7 @@ def task_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tiny_models.write_jsonl(tmp_path_factory.mktemp("data") / "train.jsonl", tiny_models.task_rows(160))
 
 
-BASE_SPEC: dict[str, Any] = {
-    "model": "tiny",
-    "dataset": {"training": "train"},
-    "training": {"finetuning_type": "lora", "lora": {"rank": 8, "alpha": 16}, "max_seq_length": 64},
-    "schedule": {"epochs": 1, "seed": 1},
-    "batch": {"global_batch_size": 8, "micro_batch_size": 4},
-    "optimizer": {"learning_rate": 0.01, "weight_decay": 0.0},
-}
+BASE_SPEC: dict[str, Any] = tiny_models.TINY_AUTOMODEL_SPEC
 
 
 merge = deep_merge  # one deep-merge helper for every test table (tests/cases.py)

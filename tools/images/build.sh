@@ -1,15 +1,14 @@
 #!/usr/bin/env bash
 # Build kubetune's container images with buildah: no Docker engine, no registry needed.
 #
-#   tools/images/build.sh base|trainer|operator|all
-#
-# stdout: one line "<image ref> <docker-archive path>" per trainer/operator image, for
-# `ctr -n k8s.io images import <archive>`; all progress goes to stderr. See docs/images.md.
+#   tools/images/build.sh base|trainer|operator|all    build (cached); stdout: one image ref per line
+#   tools/images/build.sh archive IMAGE FILE            write IMAGE as a docker-archive, for
+#                                                       `ctr -n k8s.io images import FILE`
+# All progress goes to stderr. See docs/images.md.
 #
 # Environment: BASE (a base image to use instead of the stand-in, e.g. the official
-# python:3.11.14-slim-bookworm where a registry is reachable), KUBETUNE_IMAGE_CACHE (where
-# archives go), CA_BUNDLE (mounted into RUN steps so pip and apt trust an intercepting
-# proxy; never baked into an image), DEBIAN_MIRROR.
+# python:3.11.14-slim-bookworm where a registry is reachable), CA_BUNDLE (mounted into RUN
+# steps so pip and apt trust an intercepting proxy; never baked into an image), DEBIAN_MIRROR.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -19,8 +18,7 @@ BASE_REF=localhost/kubetune/base:bookworm-py311
 BASE_PACKAGES=python3,python3-venv,python-is-python3,ca-certificates,netbase,tzdata
 MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
 CA_BUNDLE=${CA_BUNDLE:-/etc/ssl/certs/ca-certificates.crt}
-CACHE=${KUBETUNE_IMAGE_CACHE:-$HOME/.cache/kubetune/images}
-KEEP=2 # archives kept per image: the current one and the previous one
+KEEP=2 # tags kept per image in buildah's storage: the current one and the previous one
 
 log() { printf '[images %s] %s\n' "$(date +%T)" "$*" >&2; }
 die() {
@@ -115,10 +113,9 @@ build_base() {
 }
 
 # Build Dockerfile.<name> with the layer cache, tag it by its image ID (each distinct build
-# gets a distinct tag, so a node never runs a stale image under a reused tag) and write it
-# as a docker-archive for containerd.
+# gets a distinct tag, so a node never runs a stale image under a reused tag).
 build_image() {
-  local name=$1 base=${BASE:-$BASE_REF} iid id ref archive t0=$SECONDS
+  local name=$1 base=${BASE:-$BASE_REF} iid id ref t0=$SECONDS
   [ -n "${BASE:-}" ] || build_base
   [ -r "$CA_BUNDLE" ] || die "CA bundle $CA_BUNDLE not readable (set CA_BUNDLE)"
   log "$name: buildah bud --layers -f Dockerfile.$name, base $base (cold: minutes; cached layers: seconds)"
@@ -137,51 +134,63 @@ build_image() {
   buildah tag "$id" "$ref"
   log "$name: $ref built in $((SECONDS - t0)) s, $(buildah images --format '{{.Size}}' "$ref")"
 
-  archive=$CACHE/$name-${id:0:12}.tar
-  if [ -f "$archive" ]; then
-    log "$name: $archive already written"
-    touch "$archive" # the newest archive is the one in use: keep it when pruning
-    prune "$name" "$KEEP"
-  else
-    mkdir -p "$CACHE"
-    # Prune first: the trainer's archive is 7 GB, and buildah stages each layer in /var/tmp
-    # while writing it, so a write needs twice that free.
-    prune "$name" $((KEEP - 1))
-    log "$name: writing docker-archive $archive"
-    t0=$SECONDS
-    start_ticker "$name archive"
-    # Written under a temporary name, so that an existing archive is always a complete one.
-    partial=$archive.$$.part
-    buildah push --quiet "$ref" "docker-archive:$partial:$ref" >&2
-    mv "$partial" "$archive"
-    partial=
-    stop_ticker
-    log "$name: archive written in $((SECONDS - t0)) s, $(du -h "$archive" | cut -f1)"
-  fi
-  echo "$ref $archive"
+  echo "$ref"
 }
 
-# Keep the newest $2 archives of image $1.
-prune() {
-  find "$CACHE" -maxdepth 1 -name "$1-*.tar" -printf '%T@ %p\n' | sort -rn | tail -n +$(($2 + 1)) |
-    while read -r _ old; do
-      log "$1: pruning $old"
-      rm -f "$old"
+# Write image $1 as a docker-archive to $2, for `ctr images import`: only when a node lacks
+# the image (the trainer's archive is 7 GB; the node deletes it after the import).
+write_archive() {
+  local ref=$1 archive=$2 need free t0=$SECONDS
+  buildah inspect --type image "$ref" >/dev/null 2>&1 || die "no image $ref in buildah's storage: build it first"
+  mkdir -p "$(dirname "$archive")"
+  # buildah stages each layer in /var/tmp while writing, so a write needs twice the image
+  # free. Refuse rather than fill the disk that the node's containerd and kubelet live on.
+  need=$(($(buildah images --format '{{.Size}}' "$ref" | to_bytes) * 2))
+  free=$(df --output=avail -B1 "$(dirname "$archive")" | tail -1)
+  [ "$free" -ge "$need" ] ||
+    die "writing $archive needs about $((need / 1000000)) MB free, $((free / 1000000)) MB left (old images in containerd or buildah?)"
+  log "writing docker-archive $archive of $ref"
+  start_ticker "$ref archive"
+  # Written under a temporary name, so that an existing archive is always a complete one.
+  partial=$archive.$$.part
+  buildah push --quiet "$ref" "docker-archive:$partial:$ref" >&2
+  mv "$partial" "$archive"
+  partial=
+  stop_ticker
+  log "archive written in $((SECONDS - t0)) s, $(du -h "$archive" | cut -f1)"
+  echo "$archive"
+}
+
+# Keep the newest $2 tags of localhost/kubetune/$1 in buildah's storage (older ones only
+# hold their own small layers; the shared dependency layer stays while one tag uses it).
+prune_tags() {
+  # "<created>|<name:tag>" sorts newest first by its timestamp prefix.
+  buildah images --noheading --filter "reference=localhost/kubetune/$1" --format '{{.CreatedAtRaw}}|{{.Name}}:{{.Tag}}' |
+    sort -r | tail -n +$(($2 + 1)) | while IFS='|' read -r _ old; do
+      log "$1: removing old image $old"
+      buildah rmi "$old" >/dev/null 2>&1 || true
     done
 }
+
+# "7.15 GB" (buildah's sizes are decimal) -> bytes; %.0f, as mawk's %d stops at 2^31.
+to_bytes() { awk '{ m = $2 == "GB" ? 1e9 : $2 == "MB" ? 1e6 : $2 == "kB" ? 1e3 : 1; printf "%.0f\n", $1 * m }'; }
 
 main() {
   require
   case ${1:-} in
   base) build_base ;;
-  trainer | operator) build_image "$1" ;;
+  trainer | operator) build_image "$1" && prune_tags "$1" "$KEEP" ;;
   all)
     [ -n "${BASE:-}" ] || build_base
-    build_image trainer
-    build_image operator
+    build_image trainer && prune_tags trainer "$KEEP"
+    build_image operator && prune_tags operator "$KEEP"
+    ;;
+  archive)
+    [ $# -eq 3 ] || { echo "usage: $0 archive IMAGE FILE" >&2; exit 2; }
+    write_archive "$2" "$3"
     ;;
   *)
-    echo "usage: $0 base|trainer|operator|all" >&2
+    echo "usage: $0 base|trainer|operator|all | archive IMAGE FILE" >&2
     exit 2
     ;;
   esac

@@ -22,6 +22,7 @@ import kopf
 from kubetune.api.common import API_GROUP, API_VERSION
 from kubetune.api.resources import TERMINAL_PHASES
 from kubetune.handlers import metrics
+from kubetune.handlers.events import announce_phase
 from kubetune.handlers.kube import Kube, load_config
 from kubetune.handlers.reconcile import (
     Operator,
@@ -53,6 +54,7 @@ def register(registry: kopf.OperatorRegistry, config: OperatorSettings) -> None:
         with metrics.RECONCILE_DURATION.time():
             status = launch(_op(memo), body)
         patch.status.update(status)
+        announce_phase(body, body.get("status"), status)
 
     for decorator in (kopf.on.resume, kopf.on.create, kopf.on.update):
         decorator(*JOBS, registry=registry, id="launch")(reconcile_job)
@@ -91,21 +93,15 @@ def register(registry: kopf.OperatorRegistry, config: OperatorSettings) -> None:
         metrics.PHASES.forget(body.metadata.uid or "")
         if status.get("phase") in TERMINAL_PHASES:
             return
-        _op(memo).kube.patch_job_status(
-            body.metadata.namespace or "default",
-            body.metadata.name or "",
-            {
-                "phase": "Cancelled",
-                "conditions": merge_conditions(
-                    status.get("conditions"),
-                    [
-                        condition(
-                            "Complete", False, "Cancelled", "the job was deleted; its children are garbage-collected"
-                        )
-                    ],
-                ),
-            },
-        )
+        cancel = {
+            "phase": "Cancelled",
+            "conditions": merge_conditions(
+                status.get("conditions"),
+                [condition("Complete", False, "Cancelled", "the job was deleted; its children are garbage-collected")],
+            ),
+        }
+        _op(memo).kube.patch_job_status(body.metadata.namespace or "default", body.metadata.name or "", cancel)
+        announce_phase(body, status, cancel)
 
     kopf.on.delete(*JOBS, registry=registry, id="cancel")(cancelled)
 

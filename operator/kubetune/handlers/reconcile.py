@@ -20,6 +20,7 @@ import kopf
 
 from kubetune.api.common import GROUP_VERSION
 from kubetune.api.resources import TERMINAL_PHASES, CustomizationJobSpec
+from kubetune.handlers.events import announce_phase
 from kubetune.handlers.kube import Kube
 from kubetune.handlers.metrics import LAUNCH_LATENCY, PHASES, VALIDATION_FAILURES
 from kubetune.handlers.settings import OperatorSettings
@@ -266,6 +267,7 @@ def follow(op: Operator, job: Mapping[str, Any]) -> None:
         return
     PHASES.set(uid, state.phase, spec.backend or "unknown")
     op.kube.patch_job_status(namespace, name, patch)
+    announce_phase(job, status, patch)
 
 
 def _status_for(state: ChildState, status: Mapping[str, Any]) -> dict[str, Any]:

@@ -5,6 +5,7 @@ Grouped the kopf way: each field says its unit and why its default is what it is
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -83,6 +84,25 @@ def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
     raise SettingsError(f"{name}={value!r} is not a boolean (true/false)")
 
 
+def _resources(env: Mapping[str, str], name: str) -> dict[str, dict[str, str]]:
+    """``{"requests": {...}, "limits": {...}}`` (JSON) of the training containers."""
+    value = env.get(name, "").strip()
+    if not value:
+        return {}
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise SettingsError(f"{name} is not JSON ({exc.msg}): {value!r}") from None
+    if not isinstance(parsed, dict) or not set(parsed) <= {"requests", "limits"}:
+        raise SettingsError(f"{name} must be an object with `requests` and/or `limits`, got {value!r}")
+    resources: dict[str, dict[str, str]] = {}
+    for kind, amounts in parsed.items():
+        if not isinstance(amounts, dict) or not all(isinstance(v, str | int | float) for v in amounts.values()):
+            raise SettingsError(f"{name}: {kind} must map resource names to quantities, got {amounts!r}")
+        resources[kind] = {str(k): str(v) for k, v in amounts.items()}
+    return resources
+
+
 def settings_from_env(env: Mapping[str, str] | None = None) -> OperatorSettings:
     env = os.environ if env is None else env
     defaults = TrainerSettings()
@@ -94,6 +114,7 @@ def settings_from_env(env: Mapping[str, str] | None = None) -> OperatorSettings:
         progress_interval_seconds=_float(env, "KUBETUNE_PROGRESS_INTERVAL", defaults.progress_interval_seconds)
         or defaults.progress_interval_seconds,
         shm_size=env.get("KUBETUNE_SHM_SIZE", defaults.shm_size),
+        resources=_resources(env, "KUBETUNE_TRAINER_RESOURCES"),
     )
     namespaces = tuple(ns.strip() for ns in env.get("KUBETUNE_NAMESPACES", "").split(",") if ns.strip())
     return OperatorSettings(

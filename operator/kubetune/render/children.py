@@ -36,6 +36,7 @@ from kubetune.planning.resolved import (
 )
 
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
+PROGRESS_FILE = "progress.jsonl"
 CONTAINER = "pytorch"  # the training-operator finds the training container by this name
 RUN_AS_USER = 1000
 
@@ -53,6 +54,8 @@ class TrainerSettings:
     """How often the trainer patches status.progress (NeMo throttles to 10 s too)."""
     shm_size: str = "8Gi"
     """/dev/shm for NCCL and data loader workers (the container default of 64 Mi is too small)."""
+    resources: dict[str, dict[str, str]] = field(default_factory=dict)
+    """CPU/memory ``requests`` and ``limits`` of every training container; the GPUs are added per job."""
 
 
 @dataclass(frozen=True)
@@ -317,13 +320,18 @@ def _pod_template(
         {"name": "KUBETUNE_JOB_NAMESPACE", "value": job.namespace},
         {"name": "KUBETUNE_PROGRESS", "value": "kubernetes"},
         {"name": "KUBETUNE_PROGRESS_INTERVAL", "value": str(settings.progress_interval_seconds)},
+        # Every progress event, one JSON line each, next to the checkpoints: the loss curve
+        # outlives the pod (status.progress holds only the newest values).
+        {"name": "KUBETUNE_PROGRESS_FILE", "value": f"{MOUNT_OUTPUT}/{PROGRESS_FILE}"},
         {"name": "HOME", "value": "/tmp"},
         {"name": "XDG_CACHE_HOME", "value": "/cache"},
         {"name": "HF_HOME", "value": "/cache/huggingface"},
         {"name": "TRITON_CACHE_DIR", "value": "/cache/triton"},
         *({"name": f"KUBETUNE_{key.upper()}", "value": str(value)} for key, value in job.layout.as_dict().items()),
     ]
-    resources = {"limits": {settings.gpu_resource: str(gpus)}} if gpus else {}
+    resources = {kind: dict(amounts) for kind, amounts in settings.resources.items() if amounts}
+    if gpus:
+        resources["limits"] = {**resources.get("limits", {}), settings.gpu_resource: str(gpus)}
     pod_spec: dict[str, Any] = {
         "serviceAccountName": names.service_account,
         "restartPolicy": restart_policy,

@@ -84,9 +84,17 @@ def test_deleting_a_running_job_cancels_it_and_stops_its_pods(cluster: Cluster, 
     # Watch the job while it is deleted: the operator's finalizer records Cancelled first.
     phases: list[tuple[str, str | None]] = []
     watcher = cluster.cp.kubectl_popen("get", "ctj", "gone", "-n", ns, "--watch", "--output-watch-events", "-o", "json")
-    reader = threading.Thread(target=lambda: phases.extend(_watch_events(watcher.stdout)), daemon=True)
+    watching = threading.Event()
+
+    def read() -> None:
+        for event in _watch_events(watcher.stdout):
+            phases.append(event)
+            watching.set()
+
+    reader = threading.Thread(target=read, daemon=True)
     reader.start()
     try:
+        assert watching.wait(60), "the watch did not start"  # deleting before it would miss the events
         deleted = cluster.kubectl("delete", "ctj", "gone", "-n", ns, "--timeout=120s", timeout=150)
         assert deleted.returncode == 0, deleted.stderr
         reader.join(30)
@@ -172,7 +180,7 @@ def test_more_gpus_than_any_node_has_is_unschedulable(cluster: Cluster, cluster_
         cond = job_condition(cluster, ns, "huge", "Running")
         return cond if cond and cond["reason"] == "Unschedulable" else None
 
-    cond = wait_for(unschedulable, 120, "a condition naming Unschedulable")
+    cond = wait_for(unschedulable, 180, "a condition naming Unschedulable")
     assert "nvidia.com/gpu" in str(cond["message"]), cond
     assert get_object(cluster, "customizationjob", ns, "huge")["status"]["phase"] == "Pending"
 

@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 
 JOBS = (API_GROUP, API_VERSION, "customizationjobs")
 MANAGED = {"app.kubernetes.io/managed-by": "kubetune"}
+RESYNC_SECONDS = 30.0
 
 
 def _op(memo: Any) -> Operator:
@@ -78,6 +79,20 @@ def register(registry: kopf.OperatorRegistry, config: OperatorSettings) -> None:
 
     for resource in (("kubeflow.org", "v1", "pytorchjobs"), ("batch", "v1", "jobs"), ("", "v1", "pods")):
         kopf.on.event(*resource, registry=registry, labels=MANAGED, id="follow")(child_changed)
+
+    # Level-triggered as well: a child event that came while this replica was not (yet) the
+    # active one (kopf peering during a rollout) is never delivered again, so unfinished
+    # jobs are re-read from their children now and then (an unschedulable pod changes no more).
+    def unfinished(status: Mapping[str, Any], **_: Any) -> bool:
+        return status.get("phase") in ("Pending", "Running", "Suspended")
+
+    def resync(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+        op = _op(memo)  # the newest version: the timer's body may predate a cancel or a patch
+        job = op.kube.get_object("customizationjobs", body.metadata.namespace or "default", body.metadata.name or "")
+        if job is not None:
+            follow(op, job)
+
+    kopf.timer(*JOBS, registry=registry, id="resync", interval=RESYNC_SECONDS, when=unfinished)(resync)
 
     def reference_added(body: kopf.Body, event: Mapping[str, Any], memo: kopf.Memo, **_: Any) -> None:
         if event.get("type") in ("ADDED", "MODIFIED", None):

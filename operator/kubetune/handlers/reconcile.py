@@ -243,6 +243,8 @@ def follow(op: Operator, job: Mapping[str, Any]) -> None:
     status = job.get("status") or {}
     if status.get("phase") in TERMINAL_PHASES or status.get("phase") in (None, "Created"):
         return
+    if meta.get("deletionTimestamp"):
+        return  # being deleted: the cancel handler records Cancelled; never race it
     spec = CustomizationJobSpec.model_validate(manifest_of(job)["spec"])
     workload = ChildNames(name).workload
     pods = op.kube.list_pods(namespace, name)

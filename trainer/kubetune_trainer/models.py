@@ -67,6 +67,14 @@ def pad_id(tokenizer: Any) -> int:
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
+def load_config(path: str) -> Any:
+    """The model's transformers config (config.json only: no weights)."""
+    from transformers import AutoConfig
+
+    trust = os.environ.get("KUBETUNE_TRUST_REMOTE_CODE") == "1"
+    return AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=trust)
+
+
 def load_causal_lm(path: str, dtype: torch.dtype = torch.float32) -> nn.Module:
     from transformers import AutoModelForCausalLM
 

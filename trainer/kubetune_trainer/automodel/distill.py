@@ -25,9 +25,9 @@ from kubetune.planning.resolved import ResolvedJob
 from kubetune_trainer.automodel.engine import Engine, LossFn, lora_settings, save_output, seed_everything, start_run
 from kubetune_trainer.batching import Batch
 from kubetune_trainer.checkpoint import Preemption
-from kubetune_trainer.config import ConfigError, RunOptions, automodel_section, check_supported
+from kubetune_trainer.config import ConfigError, RunOptions, automodel_section, check_model_split, check_supported
 from kubetune_trainer.data import load_splits
-from kubetune_trainer.distributed import init_world, shard, shutdown
+from kubetune_trainer.distributed import init_world, parallelize, shutdown
 from kubetune_trainer.losses import distillation_sums
 from kubetune_trainer.models import (
     DTYPES,
@@ -35,12 +35,14 @@ from kubetune_trainer.models import (
     add_lora,
     count_parameters,
     load_causal_lm,
+    load_config,
     load_tokenizer,
     local_model_path,
     pad_id,
     vocabulary_mismatch,
 )
 from kubetune_trainer.outputs import finished, result_path
+from kubetune_trainer.parallel.mesh import ParallelDims
 
 
 def run(job: ResolvedJob, options: RunOptions) -> Path:
@@ -48,7 +50,7 @@ def run(job: ResolvedJob, options: RunOptions) -> Path:
     training = section.training
     if job.paths.teacher_model is None:
         raise ConfigError("distillation needs paths.teacher_model (training.teacher_model resolved to a folder)")
-    world = init_world()
+    world = init_world(ParallelDims.from_layout(job.layout))
     try:
         check_supported(job, world.size)
         if finished(job.paths.output, job.output.name):
@@ -58,6 +60,7 @@ def run(job: ResolvedJob, options: RunOptions) -> Path:
             with Preemption() as preemption:
                 # 1. Load: tokenizers and data first (fail fast), then student and teacher.
                 model_path = local_model_path(job.paths.model)
+                check_model_split(job, load_config(model_path))
                 teacher_path = local_model_path(job.paths.teacher_model)
                 tokenizer = load_tokenizer(model_path)
                 teacher_tokenizer = load_tokenizer(teacher_path)
@@ -89,12 +92,11 @@ def run(job: ResolvedJob, options: RunOptions) -> Path:
                     model = add_lora(model, lora["rank"], lora["alpha"], lora["target_modules"])
                 model.config.use_cache = False  # type: ignore[union-attr]
                 model.to(world.device)
-                if world.distributed:
-                    model = shard(model, world)
+                parallel = parallelize(model, world)
                 loss_fn = _loss(
                     teacher, world.device, offload, training.distillation_ratio, training.distillation_temperature
                 )
-                engine = Engine(ctx, model, loss_fn, splits, pad_id(tokenizer), lora is not None)
+                engine = Engine(ctx, parallel, loss_fn, splits, pad_id(tokenizer), lora is not None)
                 trainable, total = count_parameters(model)
                 for warning in splits.warnings:
                     engine.note(f"warning: {warning}")

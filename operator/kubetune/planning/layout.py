@@ -112,6 +112,12 @@ def architecture_problems(parallelism: AutomodelParallelism, model: Architecture
     return problems
 
 
+def expert_parallel_fits(parallelism: AutomodelParallelism) -> bool:
+    """EP is carved out of the data × context parallel ranks, so it must divide them."""
+    ep = parallelism.expert_parallel_size or 1
+    return (data_parallel_size(parallelism) * parallelism.context_parallel_size) % ep == 0
+
+
 def compute_layout(spec: AutomodelSpec | UnslothSpec) -> Layout:
     """The layout of a valid backend section; raises LayoutError on an invalid one."""
     if isinstance(spec, UnslothSpec):

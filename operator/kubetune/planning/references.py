@@ -214,10 +214,10 @@ def _check_architecture(section: AutomodelSpec, model: ModelSpec, result: Refere
             Finding(f"spec.automodel.parallelism.{field_name}", message + " (from the base Model's spec)", "ModelSplit")
         )
     unknown = [
-        name
-        for name, size, known in (
-            ("tensor", parallelism.tensor_parallel_size, model.numKeyValueHeads is not None),
-            ("pipeline", parallelism.pipeline_parallel_size, model.numLayers is not None),
+        f"{name} (spec.{fields})"
+        for name, size, known, fields in (
+            ("head counts", parallelism.tensor_parallel_size, model.numKeyValueHeads is not None, "numKeyValueHeads"),
+            ("layer count", parallelism.pipeline_parallel_size, model.numLayers is not None, "numLayers"),
         )
         if size > 1 and not known
     ]
@@ -225,9 +225,8 @@ def _check_architecture(section: AutomodelSpec, model: ModelSpec, result: Refere
         result.warnings.append(
             Finding(
                 "spec.automodel.model",
-                f"the base Model does not declare {' and '.join(unknown)} sizes it can be split into "
-                "(spec.numKeyValueHeads / spec.numLayers): the trainer checks the split when it reads the "
-                "model's config.json",
+                f"the base Model does not declare its {' and '.join(unknown)}, so whether the layout can split "
+                "it is checked by the trainer when it reads the model's config.json, after the pods start",
                 "ModelSplitUnknown",
             )
         )

@@ -17,13 +17,14 @@ Raises: as `sft.py`, plus `ModelError` when student and teacher vocabularies dif
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from kubetune.planning.resolved import ResolvedJob
-from kubetune_trainer.automodel.engine import Engine, LossFn, lora_settings, save_output, seed_everything, start_run
-from kubetune_trainer.batching import Batch
+from kubetune_trainer.automodel.engine import Engine, lora_settings, save_output, seed_everything, start_run
+from kubetune_trainer.automodel.steps import LossFn, make_runner
 from kubetune_trainer.checkpoint import Preemption
 from kubetune_trainer.config import ConfigError, RunOptions, automodel_section, check_model_split, check_supported
 from kubetune_trainer.data import load_splits
@@ -96,7 +97,8 @@ def run(job: ResolvedJob, options: RunOptions) -> Path:
                 loss_fn = _loss(
                     teacher, world.device, offload, training.distillation_ratio, training.distillation_temperature
                 )
-                engine = Engine(ctx, parallel, loss_fn, splits, pad_id(tokenizer), lora is not None)
+                runner = make_runner(parallel, loss_fn, world)
+                engine = Engine(ctx, parallel, runner, splits, pad_id(tokenizer), lora is not None)
                 trainable, total = count_parameters(model)
                 for warning in splits.warnings:
                     engine.note(f"warning: {warning}")
@@ -129,16 +131,14 @@ def run(job: ResolvedJob, options: RunOptions) -> Path:
 
 
 def _loss(teacher: nn.Module, device: torch.device, offload: bool, ratio: float, temperature: float) -> LossFn:
-    def loss(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        inputs = batch.model_inputs(device)
+    def loss(logits: torch.Tensor, labels: torch.Tensor, inputs: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
         with torch.no_grad():
             if offload:
                 teacher.to(device)
             teacher_logits = teacher(**inputs).logits
             if offload:
                 teacher.to("cpu")
-        student_logits = model(**inputs).logits
-        total, kl, ce = distillation_sums(student_logits, teacher_logits, batch.labels.to(device), ratio, temperature)
+        total, kl, ce = distillation_sums(logits, teacher_logits, labels, ratio, temperature)
         return total, {"kl": kl.detach(), "ce": ce.detach()}
 
     return loss

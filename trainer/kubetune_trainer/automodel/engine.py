@@ -29,7 +29,8 @@ from torch import nn
 
 from kubetune.api.automodel import AutomodelSpec
 from kubetune.planning.resolved import ResolvedJob
-from kubetune_trainer.batching import Batch, StepSchedule, as_sequences, validation_batches
+from kubetune_trainer.automodel.steps import StepRunner
+from kubetune_trainer.batching import StepSchedule, as_sequences, validation_batches
 from kubetune_trainer.checkpoint import CheckpointStore, Preempted, Preemption, load_rng, save_rng
 from kubetune_trainer.config import RunOptions
 from kubetune_trainer.data import DataTooSmall, Splits
@@ -41,7 +42,6 @@ from kubetune_trainer.distributed import (
     barrier,
     broadcast_int,
     clip_gradients,
-    set_gradient_sync,
     sum_over,
 )
 from kubetune_trainer.parallel.tensor import sum_partial_gradients
@@ -53,9 +53,6 @@ from kubetune_trainer.progress import (
     Throughput,
 )
 from kubetune_trainer.reporters import job_reporter
-
-LossFn = Callable[[nn.Module, Batch], tuple[torch.Tensor, dict[str, torch.Tensor]]]
-"""(model, micro batch) -> (loss summed over label tokens, other sums to report)."""
 
 # A single process has no process group; DCP then saves and loads locally, as intended.
 warnings.filterwarnings("ignore", message="torch.distributed is (disabled, )?unavailable or uninitialized")
@@ -153,13 +150,12 @@ class Engine:
         self,
         ctx: RunContext,
         parallel: ParallelModel,
-        loss_fn: LossFn,
+        runner: StepRunner,
         splits: Splits,
         pad_id: int,
         trainable_only: bool,
     ) -> None:
-        self.ctx, self.model, self.loss_fn = ctx, parallel.module, loss_fn
-        self.parallel = parallel
+        self.ctx, self.model, self.runner, self.parallel = ctx, parallel.module, runner, parallel
         model = parallel.module
         self.trainable_only = trainable_only
         section, world = ctx.section, ctx.world
@@ -297,22 +293,14 @@ class Engine:
     # ----------------------------------------------------------------- train / validate
 
     def _train_step(self) -> tuple[float, dict[str, float], int]:
-        world, device = self.ctx.world, self.ctx.world.device
+        world = self.ctx.world
         micro_batches = self.schedule.micro_batches(self.step)
         # Counts of whole sequences: the same on TP/CP/PP peers, so summed over data parallel only.
         labels, tokens = sum_over(
             world, [sum(b.num_label_tokens for b in micro_batches), sum(b.num_tokens for b in micro_batches)], "dp"
         )
         scale = self.parallel.gradient_divisor / max(labels, 1.0)  # FSDP averages gradients; undo that
-        self.model.train()
-        sums: dict[str, float] = {}
-        for index, batch in enumerate(micro_batches):
-            set_gradient_sync(self.model, index == len(micro_batches) - 1)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                loss_sum, extras = self.loss_fn(self.model, batch)
-            (loss_sum * scale).backward()  # type: ignore[no-untyped-call]
-            for key, value in {"loss": loss_sum, **extras}.items():
-                sums[key] = sums.get(key, 0.0) + float(value.detach())
+        sums = self.runner.train_step(micro_batches, scale)
         sum_partial_gradients(self.parallel.partial_grad_params, world.mesh.group("tp"))
         clip_gradients([p for p in self.model.parameters() if p.requires_grad], MAX_GRAD_NORM, world)
         self.lr = float(self.scheduler.get_last_lr()[0])  # the rate this step used
@@ -331,16 +319,11 @@ class Engine:
 
     @torch.no_grad()
     def validate(self) -> float | None:
-        world, device = self.ctx.world, self.ctx.world.device
+        world = self.ctx.world
         if not any_rank(world, bool(self.val_batches)):
             return None
-        self.model.eval()
-        loss_sum, labels = 0.0, 0
-        for batch in self.val_batches:
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                value, _ = self.loss_fn(self.model, batch)
-            loss_sum += float(value)
-            labels += batch.num_label_tokens
+        loss_sum = sum(self.runner.evaluate(batch) for batch in self.val_batches)
+        labels = sum(batch.num_label_tokens for batch in self.val_batches)
         total = self._loss_totals({"loss": loss_sum})["loss"]
         count = sum_over(world, [float(labels)], "dp")[0]
         self.last_val_loss = total / count if count else None

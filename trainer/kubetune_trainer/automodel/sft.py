@@ -23,13 +23,13 @@ Raises:
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
-from torch import nn
 
 from kubetune.planning.resolved import ResolvedJob
-from kubetune_trainer.automodel.engine import Engine, LossFn, lora_settings, save_output, seed_everything, start_run
-from kubetune_trainer.batching import Batch
+from kubetune_trainer.automodel.engine import Engine, lora_settings, save_output, seed_everything, start_run
+from kubetune_trainer.automodel.steps import make_runner
 from kubetune_trainer.checkpoint import Preemption
 from kubetune_trainer.config import RunOptions, automodel_section, check_model_split, check_supported
 from kubetune_trainer.data import load_splits
@@ -80,7 +80,8 @@ def run(job: ResolvedJob, options: RunOptions) -> Path:
                 model.config.use_cache = False  # type: ignore[union-attr]
                 model.to(world.device)
                 parallel = parallelize(model, world)
-                engine = Engine(ctx, parallel, _loss(world.device), splits, pad_id(tokenizer), lora is not None)
+                runner = make_runner(parallel, _loss, world)
+                engine = Engine(ctx, parallel, runner, splits, pad_id(tokenizer), lora is not None)
                 trainable, total = count_parameters(model)
                 for warning in splits.warnings:
                     engine.note(f"warning: {warning}")
@@ -101,9 +102,5 @@ def run(job: ResolvedJob, options: RunOptions) -> Path:
         shutdown(world)
 
 
-def _loss(device: torch.device) -> LossFn:
-    def loss(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        logits = model(**batch.model_inputs(device)).logits
-        return cross_entropy_sum(logits, batch.labels.to(device)), {}
-
-    return loss
+def _loss(logits: torch.Tensor, labels: torch.Tensor, inputs: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
+    return cross_entropy_sum(logits, labels), {}

@@ -141,16 +141,19 @@ def test_attention_without_the_cp_mask_says_what_to_feed() -> None:
 
 
 def test_sliding_window_models_are_refused() -> None:
-    from transformers import LlamaConfig, MistralConfig
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
     class Holder(nn.Module):
         def __init__(self, config: object) -> None:
             super().__init__()
             self.config = config
 
-    check_supported(Holder(LlamaConfig()))
+    for config in (LlamaConfig(), Qwen2Config(), Qwen3Config(), MistralConfig(sliding_window=None)):
+        check_supported(Holder(config))  # full attention in every layer
     with pytest.raises(ValueError, match=r"sliding-window.*context_parallel_size: 1"):
         check_supported(Holder(MistralConfig(sliding_window=8)))
+    with pytest.raises(ValueError, match="sliding-window"):
+        check_supported(Holder(Qwen2Config(use_sliding_window=True, sliding_window=8, max_window_layers=1)))
     with pytest.raises(ValueError, match="needs a transformers model"):
         check_supported(nn.Linear(2, 2))
 

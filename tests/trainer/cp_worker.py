@@ -4,7 +4,7 @@ Under `torch.distributed.run` with cp = the number of processes: every process g
 same micro batches, keeps its load-balanced slice of each sequence, and the parameter
 gradients are summed over the cp group before the optimizer step. Then rank 0 trains the
 1-process reference: the model's own SDPA attention on whole sequences, `Batch.model_inputs`
-and `losses.cross_entropy_sum`, no collectives.
+and `losses.per_token_cross_entropy` (which shifts the labels itself), no collectives.
 
     python -m torch.distributed.run --standalone --nproc-per-node=2 cp_worker.py MODEL lora|all_weights OUT.json
 """
@@ -21,9 +21,9 @@ import torch.distributed as dist
 
 from kubetune_trainer.batching import Batch, as_sequences, collate
 from kubetune_trainer.data import IGNORE_INDEX, Example
-from kubetune_trainer.losses import cross_entropy_sum
+from kubetune_trainer.losses import cross_entropy_sum, per_token_cross_entropy
 from kubetune_trainer.models import add_lora, load_causal_lm, load_tokenizer
-from kubetune_trainer.parallel.context import ContextParallel, cross_entropy_sum_shifted
+from kubetune_trainer.parallel.context import ContextParallel
 from kubetune_trainer.parallel.mesh import ParallelDims, build_mesh
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "fixtures"))
@@ -69,10 +69,10 @@ def train(model_path: str, kind: str, packed: bool, cp: ContextParallel) -> list
             if cp.enabled:
                 shard = cp.shard(batch, PAD_ID)
                 logits = model(**shard.model_inputs(torch.device("cpu"))).logits
-                loss_sum = cross_entropy_sum_shifted(logits, shard.labels)
+                loss_sum = cross_entropy_sum(logits, shard.labels)
             else:
                 logits = model(**batch.model_inputs(torch.device("cpu"))).logits
-                loss_sum = cross_entropy_sum(logits, batch.labels)
+                loss_sum = per_token_cross_entropy(logits, batch.labels).sum()
             (loss_sum / labels).backward()  # type: ignore[no-untyped-call]
             total += loss_sum.detach()
         if cp.enabled:

@@ -32,7 +32,6 @@ from kubetune_trainer.progress import (
     ("parallelism", "message"),
     [
         ({"num_gpus_per_node": 2, "pipeline_parallel_size": 2}, "pipeline_parallel_size 2"),
-        ({"num_gpus_per_node": 2, "context_parallel_size": 2}, "context_parallel_size 2"),
         ({"num_gpus_per_node": 2, "expert_parallel_size": 2}, "expert_parallel_size 2"),
     ],
 )
@@ -40,7 +39,7 @@ def test_model_parallel_jobs_are_refused_not_run_as_data_parallel(
     job_factory: Callable[..., Any], tiny_model: Path, task_data: Path, parallelism: dict[str, int], message: str
 ) -> None:
     job, _ = job_factory(tiny_model, task_data, spec={"parallelism": parallelism, "batch": {"micro_batch_size": 1}})
-    with pytest.raises(ConfigError, match=f"data and tensor parallel; the job asks for {message}.*not started"):
+    with pytest.raises(ConfigError, match=f"data, tensor and context parallel; the job asks for {message}.*not started"):
         check_supported(job, job.layout.world_size)
 
 

@@ -14,13 +14,12 @@ from torch import nn
 
 from kubetune_trainer.batching import Batch, collate
 from kubetune_trainer.data import IGNORE_INDEX, Example
-from kubetune_trainer.losses import cross_entropy_sum
+from kubetune_trainer.losses import cross_entropy_sum, per_token_cross_entropy
 from kubetune_trainer.models import load_causal_lm
 from kubetune_trainer.parallel.context import (
     ContextParallel,
     check_supported,
     context_parallel_attention,
-    cross_entropy_sum_shifted,
     gathered_indices,
     padded_width,
     shard_batch,
@@ -131,7 +130,8 @@ def test_cp_one_leaves_the_model_and_the_loss_as_they_are(tiny_model: Path) -> N
         assert shard.model_inputs(cpu).keys() == batch.model_inputs(cpu).keys()
         with torch.no_grad():
             logits = model(**shard.model_inputs(cpu)).logits
-        assert torch.allclose(cross_entropy_sum_shifted(logits, shard.labels), cross_entropy_sum(logits, batch.labels))
+        plain = per_token_cross_entropy(logits, batch.labels).sum()
+        assert torch.allclose(cross_entropy_sum(logits, shard.labels), plain)
 
 
 def test_attention_without_the_cp_mask_says_what_to_feed() -> None:

@@ -29,6 +29,7 @@ TOLERANCE = 1e-4
 LAYOUTS: dict[str, dict[str, int]] = {
     "tp2": {"num_gpus_per_node": 2, "tensor_parallel_size": 2},
     "dp2xtp2": {"num_gpus_per_node": 4, "tensor_parallel_size": 2},
+    "cp2": {"num_gpus_per_node": 2, "context_parallel_size": 2},
 }
 
 

@@ -123,10 +123,13 @@ class ParallelModel:
 
 
 def parallelize(model: nn.Module, world: World) -> ParallelModel:
-    """Tensor parallel over "tp" (the model's own plan), then FSDP2 over "dp" × "cp"."""
+    """Context-parallel attention over "cp", tensor parallel over "tp" (the model's own
+    plan), then FSDP2 over "dp" × "cp"."""
+    from kubetune_trainer.parallel.context import ContextParallel
     from kubetune_trainer.parallel.tensor import apply_tensor_parallel
 
     mesh = world.mesh
+    ContextParallel.from_mesh(mesh).apply(model)
     partial: list[nn.Parameter] = []
     tp_mesh = mesh.submesh("tp")
     if tp_mesh is not None:

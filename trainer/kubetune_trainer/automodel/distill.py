@@ -43,6 +43,7 @@ from kubetune_trainer.models import (
     vocabulary_mismatch,
 )
 from kubetune_trainer.outputs import finished, result_path
+from kubetune_trainer.parallel.context import ContextParallel
 from kubetune_trainer.parallel.mesh import ParallelDims
 
 
@@ -88,6 +89,8 @@ def run(job: ResolvedJob, options: RunOptions) -> Path:
                 teacher.eval()
                 offload = training.offload_teacher and world.device.type != "cpu"
                 teacher.to("cpu" if offload else world.device)
+                # Under context parallel the teacher sees the same slices as the student (same attention).
+                ContextParallel.from_mesh(world.mesh).apply(teacher)
                 lora = lora_settings(section)
                 if lora is not None:
                     model = add_lora(model, lora["rank"], lora["alpha"], lora["target_modules"])
@@ -97,7 +100,7 @@ def run(job: ResolvedJob, options: RunOptions) -> Path:
                 loss_fn = _loss(
                     teacher, world.device, offload, training.distillation_ratio, training.distillation_temperature
                 )
-                runner = make_runner(parallel, loss_fn, world)
+                runner = make_runner(parallel, loss_fn, world, pad_id(tokenizer))
                 engine = Engine(ctx, parallel, runner, splits, pad_id(tokenizer), lora is not None)
                 trainable, total = count_parameters(model)
                 for warning in splits.warnings:

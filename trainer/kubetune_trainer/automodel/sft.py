@@ -80,7 +80,7 @@ def run(job: ResolvedJob, options: RunOptions) -> Path:
                 model.config.use_cache = False  # type: ignore[union-attr]
                 model.to(world.device)
                 parallel = parallelize(model, world)
-                runner = make_runner(parallel, _loss, world)
+                runner = make_runner(parallel, _loss, world, pad_id(tokenizer))
                 engine = Engine(ctx, parallel, runner, splits, pad_id(tokenizer), lora is not None)
                 trainable, total = count_parameters(model)
                 for warning in splits.warnings:

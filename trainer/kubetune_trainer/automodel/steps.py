@@ -5,7 +5,7 @@ runner owns the forward and backward passes, which differ by layout:
 
 - `MicroBatchLoop`: every micro batch through the whole model in this process — data,
   tensor and context parallel (under context parallel each rank runs its slice of every
-  sequence: `prepare` cuts it);
+  sequence: `context_slice` cuts it);
 - a pipeline runner (`parallel.pipeline`): the micro batches flow through the stages with
   a 1F1B schedule; only the last stage computes the loss.
 
@@ -24,6 +24,7 @@ from torch import nn
 from kubetune_trainer.batching import Batch
 from kubetune_trainer.distributed import ParallelModel, World, set_gradient_sync
 from kubetune_trainer.losses import shift_labels
+from kubetune_trainer.parallel.context import ContextParallel
 
 LossFn = Callable[[torch.Tensor, torch.Tensor, dict[str, Any]], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 """(logits, labels aligned with them — logits[:, t] predicts labels[:, t] —, the model inputs
@@ -81,6 +82,18 @@ class MicroBatchLoop:
         return float(self._loss(batch)[0])
 
 
-def make_runner(parallel: ParallelModel, loss_fn: LossFn, world: World) -> StepRunner:
+def context_slice(cp: ContextParallel, device: torch.device, pad_id: int) -> Prepare:
+    """This rank's slice of each sequence (context parallel); labels shifted before the cut."""
+
+    def prepare(batch: Batch) -> tuple[dict[str, Any], torch.Tensor]:
+        shard = cp.shard(batch, pad_id)
+        return shard.model_inputs(device), shard.labels.to(device)
+
+    return prepare
+
+
+def make_runner(parallel: ParallelModel, loss_fn: LossFn, world: World, pad_id: int) -> StepRunner:
     """The step runner for this rank's place in the layout."""
-    return MicroBatchLoop(parallel.module, loss_fn, world.device, whole_batch(world.device))
+    cp = ContextParallel.from_mesh(world.mesh)
+    prepare = context_slice(cp, world.device, pad_id) if cp.enabled else whole_batch(world.device)
+    return MicroBatchLoop(parallel.module, loss_fn, world.device, prepare)

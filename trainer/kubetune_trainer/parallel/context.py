@@ -7,7 +7,7 @@ so this is a small exact scheme that runs on gloo (CPU) and NCCL (GPU) alike:
   into 2·cp chunks; rank i keeps chunks i and 2·cp−1−i, so that under the causal mask every
   rank does the same attention work (load balancing). Labels are shifted BEFORE sharding
   (each token keeps the label of its global next token), so the loss needs no neighbour's
-  token: use `cross_entropy_sum_shifted`. Position ids travel with their tokens (RoPE sees
+  token: `kubetune_trainer.losses` takes such aligned labels. Position ids travel with their tokens (RoPE sees
   global positions).
 - Attention (`context_parallel_attention`, registered with transformers' AttentionInterface
   as `CP_ATTENTION`): each layer all-gathers K and V over the cp group with a differentiable
@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kubetune_trainer.data import IGNORE_INDEX
+from kubetune_trainer.losses import shift_labels
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -75,13 +76,6 @@ def shard_indices(width: int, cp_rank: int, cp_size: int) -> torch.Tensor:
 def gathered_indices(width: int, cp_size: int) -> torch.Tensor:
     """Global token index of each key after the all-gather (rank 0's shard, then rank 1's, ...)."""
     return torch.cat([shard_indices(width, rank, cp_size) for rank in range(cp_size)])
-
-
-def shift_labels(labels: torch.Tensor) -> torch.Tensor:
-    """Position t gets the label of token t+1 (the last position gets none)."""
-    shifted = torch.full_like(labels, IGNORE_INDEX)
-    shifted[:, :-1] = labels[:, 1:]
-    return shifted
 
 
 def attention_mask_for(
@@ -155,18 +149,6 @@ def shard_batch(batch: Batch, cp_rank: int, cp_size: int, pad_id: int = 0) -> Co
 
 
 # --------------------------------------------------------------------------- loss
-
-
-def label_positions(logits: torch.Tensor, shifted_labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits (as fp32) of the positions that carry a pre-shifted label, and those labels."""
-    mask = shifted_labels != IGNORE_INDEX
-    return logits[mask].float(), shifted_labels[mask]
-
-
-def cross_entropy_sum_shifted(logits: torch.Tensor, shifted_labels: torch.Tensor) -> torch.Tensor:
-    """Summed CE where position t predicts `shifted_labels[t]` (no shift inside, unlike `losses`)."""
-    predicted, targets = label_positions(logits, shifted_labels)
-    return F.cross_entropy(predicted, targets, reduction="sum")
 
 
 # --------------------------------------------------------------------------- attention

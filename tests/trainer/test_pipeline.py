@@ -1,0 +1,175 @@
+"""Pipeline parallel: stages keep the full model's names, compute what it computes, and train like it.
+
+The fast tests split the tiny 4-layer Llama in one process and chain the stages by hand; the
+slow one trains 10 AdamW steps with 2 gloo processes (pp=2, 3 micro batches per step with 1F1B, 1 with GPipe,
+pipeline_worker.py under torchrun) and in this process, and compares the loss of every step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pipeline_worker
+import pytest
+import tiny_models
+import torch
+from torch import nn
+
+from kubetune_trainer.batching import Batch, collate
+from kubetune_trainer.data import Example
+from kubetune_trainer.losses import cross_entropy_sum
+from kubetune_trainer.models import add_lora, load_causal_lm
+from kubetune_trainer.parallel.pipeline import (
+    DecoderStage,
+    PipelineSplitError,
+    layers_per_stage,
+    pad_batch,
+    split_stage,
+)
+
+WORKER = Path(__file__).with_name("pipeline_worker.py")
+PAD = 3
+
+
+@pytest.fixture(scope="module")
+def four_layers(models_dir: Path) -> Path:
+    return tiny_models.build_model(models_dir / "four-layers", layers=4)
+
+
+def load(folder: Path, lora: bool) -> nn.Module:
+    torch.manual_seed(0)
+    model = load_causal_lm(str(folder))
+    return add_lora(model, 8, 16, None) if lora else model
+
+
+def stages(folder: Path, lora: bool, count: int) -> list[DecoderStage]:
+    return [split_stage(load(folder, lora), index, count) for index in range(count)]
+
+
+def batch(packed: bool) -> Batch:
+    torch.manual_seed(1)
+    rows = [
+        [Example(torch.randint(4, 300, (n,)).tolist(), torch.randint(4, 300, (n,)).tolist()) for n in lengths]
+        for lengths in (([9, 12, 5], [20]) if packed else ([17], [11]))
+    ]
+    return collate(rows, PAD, packed)
+
+
+def chained(parts: list[DecoderStage], b: Batch) -> torch.Tensor:
+    hidden = b.input_ids
+    for stage in parts:
+        hidden = stage(hidden, b.position_ids, b.attention_mask)
+    return hidden
+
+
+def test_layers_are_split_evenly_with_the_remainder_first() -> None:
+    assert layers_per_stage(4, 2) == [2, 2]
+    assert layers_per_stage(7, 3) == [3, 2, 2]
+    with pytest.raises(PipelineSplitError, match="exceeds the model's 2 decoder layers"):
+        layers_per_stage(2, 3)
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_stage_state_dicts_partition_the_full_model(four_layers: Path, lora: bool) -> None:
+    full = set(load(four_layers, lora).state_dict())
+    parts = stages(four_layers, lora, 3)
+    keys = [set(stage.state_dict()) for stage in parts]
+    assert all(k <= full for k in keys)
+    assert set.union(*keys) == full
+    assert sum(len(k) for k in keys) == len(full)  # no parameter lives on two stages
+    prefix = "base_model.model." if lora else ""
+    assert any(k.startswith(f"{prefix}model.embed_tokens.") for k in keys[0])
+    assert not any("embed_tokens" in k or "lm_head" in k for k in keys[1])
+    assert {k for k in keys[2] if "lm_head" in k or k.startswith(f"{prefix}model.norm")}
+    layer_of = [sorted({int(k.split("layers.")[1].split(".")[0]) for k in ks if "layers." in k}) for ks in keys]
+    assert layer_of == [[0, 1], [2], [3]]
+
+
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("lora", [False, True])
+def test_chained_stages_compute_the_full_models_logits(four_layers: Path, lora: bool, packed: bool) -> None:
+    b = batch(packed)
+    with torch.no_grad():
+        expected = load(four_layers, lora)(**b.model_inputs(torch.device("cpu"))).logits
+        got = chained(stages(four_layers, lora, 2), b)
+    assert got.shape == expected.shape
+    assert float((got - expected).abs().max()) < 1e-5
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_padding_leaves_the_loss_unchanged(four_layers: Path, packed: bool) -> None:
+    b = batch(packed)
+    wide = pad_batch(b, b.input_ids.shape[1] + 7, 4, PAD)
+    assert wide.input_ids.shape == (4, b.input_ids.shape[1] + 7)
+    assert (wide.num_tokens, wide.num_label_tokens) == (b.num_tokens, b.num_label_tokens)
+    model = load(four_layers, False)
+    with torch.no_grad():
+        narrow_loss = cross_entropy_sum(model(**b.model_inputs(torch.device("cpu"))).logits, b.labels)
+        wide_loss = cross_entropy_sum(model(**wide.model_inputs(torch.device("cpu"))).logits, wide.labels)
+    assert abs(float(narrow_loss) - float(wide_loss)) < 1e-4
+    with pytest.raises(ValueError, match="does not fit the pipeline's 2 × 5"):
+        pad_batch(b, 5, 2, PAD)
+
+
+def test_a_trained_tied_embedding_is_refused(models_dir: Path) -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+        tie_word_embeddings=True,
+    )  # fmt: skip
+    with pytest.raises(PipelineSplitError, match="tie_word_embeddings"):
+        split_stage(LlamaForCausalLM(config), 0, 2)
+    frozen = LlamaForCausalLM(config).requires_grad_(False)  # LoRA: each stage keeps its frozen copy
+    assert isinstance(split_stage(frozen, 1, 2), DecoderStage)
+
+
+def test_a_model_without_the_decoder_layout_is_refused() -> None:
+    with pytest.raises(PipelineSplitError, match="use pipeline_parallel_size 1"):
+        split_stage(nn.Sequential(nn.Linear(2, 2)), 0, 2)
+
+
+# --------------------------------------------------------------------------- two processes
+
+
+@pytest.fixture(scope="module")
+def curves(four_layers: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The worker's results with 1 process (this one) and with a 2-stage pipeline (all cases in one run)."""
+    out = tmp_path_factory.mktemp("pipeline")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    done = subprocess.run(
+        [*torchrun, str(WORKER), str(four_layers), str(out / "two.json")],
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    one = {
+        pipeline_worker.case_name(*case): pipeline_worker.run_single(four_layers, *case)
+        for case in pipeline_worker.CASES
+    }
+    return one, json.loads((out / "two.json").read_text())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", [pipeline_worker.case_name(*case) for case in pipeline_worker.CASES])
+def test_two_stages_train_like_one_process(curves: tuple[dict[str, Any], dict[str, Any]], case: str) -> None:
+    one, two = curves[0][case], curves[1][case]
+    assert two["schedule"] == ("ScheduleGPipe" if case.endswith("-1mb") else "Schedule1F1B")
+    assert len(one["losses"]) == len(two["losses"]) == 10
+    assert max(abs(a - b) for a, b in zip(one["losses"], two["losses"], strict=True)) < 1e-4, (one, two)
+    assert one["losses"][-1] < one["losses"][0] - 0.1  # it trained
+    assert two["label_tokens"] == two["expected_label_tokens"]  # extras: summed once per micro batch
+    # Validation: loss sums of ~100 label tokens, forward only.
+    assert max(abs(a - b) for a, b in zip(one["validation"], two["validation"], strict=True)) < 1e-3
+    full = set(two["full_keys"])
+    assert full == set(one["full_keys"])
+    stage_keys = [set(keys) for keys in two["stage_keys"]]
+    assert all(keys <= full for keys in stage_keys)
+    assert set.union(*stage_keys) == full

@@ -30,6 +30,9 @@ LAYOUTS: dict[str, dict[str, int]] = {
     "tp2": {"num_gpus_per_node": 2, "tensor_parallel_size": 2},
     "dp2xtp2": {"num_gpus_per_node": 4, "tensor_parallel_size": 2},
     "cp2": {"num_gpus_per_node": 2, "context_parallel_size": 2},
+    "pp2": {"num_gpus_per_node": 2, "pipeline_parallel_size": 2},
+    "dp2xpp2": {"num_gpus_per_node": 4, "pipeline_parallel_size": 2},
+    "pp2xtp2": {"num_gpus_per_node": 4, "pipeline_parallel_size": 2, "tensor_parallel_size": 2},
 }
 
 

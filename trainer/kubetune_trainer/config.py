@@ -58,15 +58,15 @@ def check_supported(job: ResolvedJob, world_size: int) -> None:
     unsupported = [
         f"{name} {size}"
         for name, size in (
-            ("pipeline_parallel_size", layout.pipeline_parallel_size),
             ("expert_parallel_size", layout.expert_parallel_size),
         )
         if size > 1
     ]
     if unsupported:
         raise ConfigError(
-            f"this trainer runs data, tensor and context parallel; the job asks for {', '.join(unsupported)}. "
-            "Set spec.automodel.parallelism's pipeline/expert sizes to 1; the job was not started"
+            f"this trainer runs data, tensor, pipeline and context parallel; the job asks for "
+            f"{', '.join(unsupported)}. Set spec.automodel.parallelism.expert_parallel_size to 1; "
+            "the job was not started"
         )
     if world_size != layout.world_size:
         raise ConfigError(

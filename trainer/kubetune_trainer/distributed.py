@@ -25,6 +25,8 @@ from kubetune_trainer.parallel.mesh import Dim, ParallelDims, ParallelMesh, buil
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
 
+    from kubetune_trainer.parallel.pipeline import DecoderStage
+
 
 @dataclass(frozen=True)
 class World:
@@ -116,19 +118,34 @@ class ParallelModel:
     """A model split and sharded for this rank's place in the mesh."""
 
     module: nn.Module
+    """What this rank trains: the whole model, or its pipeline stage (same parameter names)."""
     partial_grad_params: list[nn.Parameter]
     """Replicated over TP but fed split activations: gradients summed over TP after backward."""
     gradient_divisor: int
     """What FSDP2 divides the reduced gradients by (the data × context parallel size, or 1)."""
+    stage: DecoderStage | None = None
+    """This rank's pipeline stage (pipeline parallel only); it is also `module`."""
+
+    def norm_parameters(self) -> list[nn.Parameter]:
+        """The trainable parameters whose gradients make up the clipped norm (each counted once)."""
+        if self.stage is not None:
+            return self.stage.norm_parameters()
+        return [p for p in self.module.parameters() if p.requires_grad]
 
 
 def parallelize(model: nn.Module, world: World) -> ParallelModel:
-    """Context-parallel attention over "cp", tensor parallel over "tp" (the model's own
-    plan), then FSDP2 over "dp" × "cp"."""
+    """Pipeline stage over "pp" (this rank's decoder layers), context-parallel attention over
+    "cp", tensor parallel over "tp" (the model's own plan), then FSDP2 over "dp" × "cp"."""
     from kubetune_trainer.parallel.context import ContextParallel
+    from kubetune_trainer.parallel.pipeline import split_stage
     from kubetune_trainer.parallel.tensor import apply_tensor_parallel
 
     mesh = world.mesh
+    stage = None
+    if mesh.dims.pp > 1:
+        autocast = torch.bfloat16 if world.device.type == "cuda" else None
+        stage = split_stage(model, mesh.coordinate("pp"), mesh.dims.pp, autocast)
+        model = stage
     ContextParallel.from_mesh(mesh).apply(model)
     partial: list[nn.Parameter] = []
     tp_mesh = mesh.submesh("tp")
@@ -136,8 +153,8 @@ def parallelize(model: nn.Module, world: World) -> ParallelModel:
         partial = apply_tensor_parallel(model, tp_mesh)
     fsdp_mesh = mesh.submesh("dp", "cp")
     if fsdp_mesh is None:
-        return ParallelModel(model, partial, 1)
-    return ParallelModel(shard(model, fsdp_mesh, world.device), partial, fsdp_mesh.size())
+        return ParallelModel(model, partial, 1, stage)
+    return ParallelModel(shard(model, fsdp_mesh, world.device), partial, fsdp_mesh.size(), stage)
 
 
 def shard(model: nn.Module, mesh: DeviceMesh, device: torch.device) -> nn.Module:
@@ -199,10 +216,29 @@ def set_gradient_sync(model: nn.Module, enabled: bool) -> None:
         setter(enabled)
 
 
-def full_state_dict(model: nn.Module, world: World, trainable_only: bool) -> dict[str, Any]:
-    """The unsharded state dict on CPU (every rank must call this; rank 0 gets the tensors)."""
+def full_state_dict(parallel: ParallelModel, world: World, trainable_only: bool) -> dict[str, Any]:
+    """The unsharded state dict on CPU, all pipeline stages together (every rank must call
+    this; global rank 0 gets the tensors, the other ranks an empty or partial dict)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only)
-    state: dict[str, Any] = get_model_state_dict(model, options=options)
-    return state
+    staged = world.mesh.dims.pp > 1
+    # cpu_offload keeps the gathered tensors on global rank 0 only: with stages, each stage's
+    # first rank must keep its own, so gather on the device and move to CPU here.
+    options = StateDictOptions(full_state_dict=True, cpu_offload=not staged, ignore_frozen_params=trainable_only)
+    state: dict[str, Any] = get_model_state_dict(parallel.module, options=options)
+    if not staged:
+        return state
+    mesh = world.mesh
+    first_of_stage = all(mesh.coordinate(dim) == 0 for dim in ("dp", "cp", "tp"))
+    mine = {key: value.detach().cpu() for key, value in state.items()} if first_of_stage else {}
+    del state
+    group = mesh.group("pp")
+    stages: list[dict[str, Any] | None] = [None] * mesh.dims.pp
+    destination = dist.get_global_rank(group, 0) if group is not None else 0
+    dist.gather_object(mine, stages if world.rank == destination else None, dst=destination, group=group)
+    if world.rank != destination:
+        return {}
+    merged: dict[str, Any] = {}
+    for part in stages:
+        merged.update(part or {})
+    return merged

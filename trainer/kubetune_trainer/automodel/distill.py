@@ -100,9 +100,9 @@ def run(job: ResolvedJob, options: RunOptions) -> Path:
                 loss_fn = _loss(
                     teacher, world.device, offload, training.distillation_ratio, training.distillation_temperature
                 )
-                runner = make_runner(parallel, loss_fn, world, pad_id(tokenizer))
+                runner = make_runner(parallel, loss_fn, world, pad_id(tokenizer), job, ("ce", "kl"))
                 engine = Engine(ctx, parallel, runner, splits, pad_id(tokenizer), lora is not None)
-                trainable, total = count_parameters(model)
+                trainable, total = count_parameters(parallel.module)
                 for warning in splits.warnings:
                     engine.note(f"warning: {warning}")
                 engine.note(f"trainable parameters: {trainable:,} of {total:,}; teacher {training.teacher_precision}")
@@ -123,7 +123,7 @@ def run(job: ResolvedJob, options: RunOptions) -> Path:
                         "last_kl": last_kl,
                     },
                 }
-                folder = save_output(ctx, model, tokenizer, result, model_path, extra)
+                folder = save_output(ctx, parallel, tokenizer, result, model_path, extra)
                 engine.note(f"result written to {folder}", kind="end")
                 return folder
         finally:

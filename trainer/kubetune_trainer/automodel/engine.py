@@ -25,7 +25,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
 from kubetune.api.automodel import AutomodelSpec
 from kubetune.planning.resolved import ResolvedJob
@@ -302,7 +301,7 @@ class Engine:
         scale = self.parallel.gradient_divisor / max(labels, 1.0)  # FSDP averages gradients; undo that
         sums = self.runner.train_step(micro_batches, scale)
         sum_partial_gradients(self.parallel.partial_grad_params, world.mesh.group("tp"))
-        clip_gradients([p for p in self.model.parameters() if p.requires_grad], MAX_GRAD_NORM, world)
+        clip_gradients(self.parallel.norm_parameters(), MAX_GRAD_NORM, world)
         self.lr = float(self.scheduler.get_last_lr()[0])  # the rate this step used
         self.optimizer.step()
         self.scheduler.step()
@@ -406,7 +405,7 @@ def lora_settings(section: AutomodelSpec) -> dict[str, Any] | None:
 
 def save_output(
     ctx: RunContext,
-    model: nn.Module,
+    parallel: ParallelModel,
     tokenizer: Any,
     result: TrainResult,
     base_path: str,
@@ -418,7 +417,7 @@ def save_output(
 
     job, section, world = ctx.job, ctx.section, ctx.world
     lora = lora_settings(section)
-    trained = full_state_dict(model, world, trainable_only=lora is not None)
+    trained = full_state_dict(parallel, world, trainable_only=lora is not None)
     folder = result_path(job.paths.output, job.output.name)
     if world.is_main:
         result_model = build_result_model(base_path, trained, lora, merge=job.output.type == "model")

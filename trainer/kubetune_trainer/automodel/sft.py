@@ -80,9 +80,9 @@ def run(job: ResolvedJob, options: RunOptions) -> Path:
                 model.config.use_cache = False  # type: ignore[union-attr]
                 model.to(world.device)
                 parallel = parallelize(model, world)
-                runner = make_runner(parallel, _loss, world, pad_id(tokenizer))
+                runner = make_runner(parallel, _loss, world, pad_id(tokenizer), job)
                 engine = Engine(ctx, parallel, runner, splits, pad_id(tokenizer), lora is not None)
-                trainable, total = count_parameters(model)
+                trainable, total = count_parameters(parallel.module)
                 for warning in splits.warnings:
                     engine.note(f"warning: {warning}")
                 engine.note(f"trainable parameters: {trainable:,} of {total:,}")
@@ -92,7 +92,7 @@ def run(job: ResolvedJob, options: RunOptions) -> Path:
                 result = engine.train(preemption)
 
                 # 4. Save: gather the weights, write adapter or model + tokenizer + kubetune.json.
-                folder = save_output(ctx, model, tokenizer, result, model_path)
+                folder = save_output(ctx, parallel, tokenizer, result, model_path)
                 engine.note(f"result written to {folder}", kind="end")
                 return folder
         finally:

@@ -16,7 +16,7 @@ loss sums of this rank (zeros where a rank computes no loss), which the engine r
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import nn
@@ -25,6 +25,10 @@ from kubetune_trainer.batching import Batch
 from kubetune_trainer.distributed import ParallelModel, World, set_gradient_sync
 from kubetune_trainer.losses import shift_labels
 from kubetune_trainer.parallel.context import ContextParallel
+
+if TYPE_CHECKING:
+    from kubetune.planning.resolved import ResolvedJob
+    from kubetune_trainer.parallel.pipeline import PipelineRunner
 
 LossFn = Callable[[torch.Tensor, torch.Tensor, dict[str, Any]], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 """(logits, labels aligned with them — logits[:, t] predicts labels[:, t] —, the model inputs
@@ -92,8 +96,51 @@ def context_slice(cp: ContextParallel, device: torch.device, pad_id: int) -> Pre
     return prepare
 
 
-def make_runner(parallel: ParallelModel, loss_fn: LossFn, world: World, pad_id: int) -> StepRunner:
-    """The step runner for this rank's place in the layout."""
+class PipelineSteps:
+    """The pipeline runner (`parallel.pipeline`) behind the `StepRunner` interface."""
+
+    def __init__(self, runner: PipelineRunner) -> None:
+        self.runner = runner
+
+    def train_step(self, micro_batches: Sequence[Batch], scale: float) -> dict[str, float]:
+        sums = self.runner.train_step(micro_batches, scale)
+        return {"loss": sums.loss, **sums.extras}
+
+    def evaluate(self, batch: Batch) -> float:
+        return self.runner.evaluate(batch)
+
+
+def make_runner(
+    parallel: ParallelModel,
+    loss_fn: LossFn,
+    world: World,
+    pad_id: int,
+    job: ResolvedJob,
+    extra_keys: Sequence[str] = (),
+) -> StepRunner:
+    """The step runner for this rank's place in the layout; `extra_keys` are the loss's extras."""
+    device = world.device
+    if parallel.stage is not None:
+        from kubetune_trainer.parallel.pipeline import PipelineRunner
+
+        def stage_loss(logits: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+            inputs, labels = whole_batch(device)(batch)
+            return loss_fn(logits, labels, inputs)
+
+        section = job.automodel
+        assert section is not None
+        runner = PipelineRunner(
+            parallel.stage,
+            world.mesh.group("pp"),
+            device,
+            n_microbatches=job.layout.gradient_accumulation_steps,
+            micro_batch_size=section.batch.micro_batch_size,
+            seq_length=section.training.max_seq_length,
+            loss_fn=stage_loss,
+            pad_id=pad_id,
+            extra_keys=extra_keys,
+        )
+        return PipelineSteps(runner)
     cp = ContextParallel.from_mesh(world.mesh)
-    prepare = context_slice(cp, world.device, pad_id) if cp.enabled else whole_batch(world.device)
-    return MicroBatchLoop(parallel.module, loss_fn, world.device, prepare)
+    prepare = context_slice(cp, device, pad_id) if cp.enabled else whole_batch(device)
+    return MicroBatchLoop(parallel.module, loss_fn, device, prepare)

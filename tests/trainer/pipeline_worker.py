@@ -33,12 +33,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "fixtures"))
 import tiny_models
 
 STEPS, MICRO_BATCH, SEQ_LENGTH, MAX_NORM = 10, 2, 64, 1.0
-CASES = [(kind, packed, 3) for kind in ("lora", "all_weights") for packed in (False, True)]
-CASES.append(("all_weights", True, 1))  # fewer micro batches than stages: GPipe instead of 1F1B
+CASES = [(kind, packed, 3, False) for kind in ("lora", "all_weights") for packed in (False, True)]
+CASES.append(("all_weights", True, 1, False))  # fewer micro batches than stages: GPipe instead of 1F1B
+CASES.append(("all_weights", False, 3, True))  # LM head tied to the embeddings, trained on two stages
 
 
-def case_name(kind: str, packed: bool, accumulation: int) -> str:
-    return f"{kind}-{'packed' if packed else 'unpacked'}-{accumulation}mb"
+def case_name(kind: str, packed: bool, accumulation: int, tied: bool) -> str:
+    return f"{kind}-{'packed' if packed else 'unpacked'}-{accumulation}mb{'-tied' if tied else ''}"
 
 
 def step_batches(folder: Path, packed: bool, accumulation: int) -> tuple[list[list[Batch]], list[Batch], int]:
@@ -60,9 +61,12 @@ def step_batches(folder: Path, packed: bool, accumulation: int) -> tuple[list[li
     return steps, validation, pad
 
 
-def load(folder: Path, kind: str) -> nn.Module:
+def load(folder: Path, kind: str, tied: bool) -> nn.Module:
     torch.manual_seed(0)  # LoRA's A matrices are random: the same on every rank and in both runs
-    model = load_causal_lm(str(folder))
+    model: Any = load_causal_lm(str(folder))
+    if tied:
+        model.lm_head.weight = model.model.embed_tokens.weight
+        model.config.tie_word_embeddings = True
     return add_lora(model, 8, 16, None) if kind == "lora" else model
 
 
@@ -76,9 +80,9 @@ def optimizer(model: nn.Module, kind: str) -> torch.optim.Optimizer:
     return torch.optim.AdamW(trainable, lr=1e-2 if kind == "lora" else 1e-3, weight_decay=0.0)
 
 
-def run_single(folder: Path, kind: str, packed: bool, accumulation: int) -> dict[str, Any]:
+def run_single(folder: Path, kind: str, packed: bool, accumulation: int, tied: bool) -> dict[str, Any]:
     steps, validation, _ = step_batches(folder, packed, accumulation)
-    model = load(folder, kind)
+    model = load(folder, kind, tied)
     keys = sorted(model.state_dict())
     opt = optimizer(model, kind)
     losses = []
@@ -98,11 +102,13 @@ def run_single(folder: Path, kind: str, packed: bool, accumulation: int) -> dict
     return {"losses": losses, "validation": val, "full_keys": keys}
 
 
-def run_pipeline(folder: Path, kind: str, packed: bool, accumulation: int, rank: int, world: int) -> dict[str, Any]:
+def run_pipeline(
+    folder: Path, kind: str, packed: bool, accumulation: int, tied: bool, rank: int, world: int
+) -> dict[str, Any]:
     mesh = build_mesh(ParallelDims(pp=world), rank, world, torch.device("cpu"))
     group = mesh.group("pp")
     steps, validation, pad = step_batches(folder, packed, accumulation)
-    model = load(folder, kind)
+    model = load(folder, kind, tied)
     full_keys = sorted(model.state_dict())
     stage = split_stage(model, mesh.coordinate("pp"), world)
     runner = PipelineRunner(
@@ -113,7 +119,7 @@ def run_pipeline(folder: Path, kind: str, packed: bool, accumulation: int, rank:
     for micro_batches in steps:
         labels = sum(b.num_label_tokens for b in micro_batches)
         sums = runner.train_step(micro_batches, 1.0 / labels)
-        clip_grad_norm([p for p in stage.parameters() if p.requires_grad], MAX_NORM, group)
+        clip_grad_norm(stage, MAX_NORM, group)
         opt.step()
         opt.zero_grad(set_to_none=True)
         totals = torch.tensor([sums.loss, sums.extras["tokens"]], dtype=torch.float64)

@@ -116,17 +116,21 @@ def test_padding_leaves_the_loss_unchanged(four_layers: Path, packed: bool) -> N
         pad_batch(b, 5, 2, PAD)
 
 
-def test_a_trained_tied_embedding_is_refused(models_dir: Path) -> None:
+def test_a_tied_embedding_lives_on_the_first_and_last_stage(models_dir: Path) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
-        vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+        vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=3, num_attention_heads=2,
         tie_word_embeddings=True,
     )  # fmt: skip
-    with pytest.raises(PipelineSplitError, match="tie_word_embeddings"):
-        split_stage(LlamaForCausalLM(config), 0, 2)
-    frozen = LlamaForCausalLM(config).requires_grad_(False)  # LoRA: each stage keeps its frozen copy
-    assert isinstance(split_stage(frozen, 1, 2), DecoderStage)
+    parts = [split_stage(LlamaForCausalLM(config), index, 3) for index in range(3)]
+    first, middle, last = (part.tied_weight for part in parts)
+    assert first is parts[0].decoder.embed_tokens.weight and last is parts[2].lm_head.weight
+    assert middle is None
+    assert all(p is not last for p in parts[2].norm_parameters())  # the norm counts the shared weight once
+    assert {"model.embed_tokens.weight", "lm_head.weight"} <= set(parts[0].state_dict()) | set(parts[2].state_dict())
+    frozen = LlamaForCausalLM(config).requires_grad_(False)  # LoRA: each end keeps its frozen copy
+    assert split_stage(frozen, 0, 2).tied_weight is None
 
 
 def test_a_model_without_the_decoder_layout_is_refused() -> None:

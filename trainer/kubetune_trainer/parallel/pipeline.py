@@ -54,7 +54,7 @@ FULL_ATTENTION, SLIDING_ATTENTION = "full_attention", "sliding_attention"
 
 
 class PipelineSplitError(ValueError):
-    """The model cannot be split into pipeline stages (layout, model family, tied weights)."""
+    """The model cannot be split into pipeline stages (its layout, or more stages than layers)."""
 
 
 # --------------------------------------------------------------------------- splitting

@@ -1,7 +1,8 @@
 """Worker of tests/trainer/test_pipeline.py: 10 AdamW steps, in one process or as a 2-stage pipeline.
 
     python pipeline_worker.py MODEL OUT.json                     # the reference, one process
-    python -m torch.distributed.run --nproc-per-node=2 pipeline_worker.py MODEL OUT.json
+    python -m torch.distributed.run --nproc-per-node=2 pipeline_worker.py MODEL OUT.json   # pp2
+    python -m torch.distributed.run --nproc-per-node=4 pipeline_worker.py MODEL OUT.json   # dp2 × pp2, FSDP2
 
 Each case (LoRA / full weights × packed / unpacked rows) trains the same micro batches the
 same way: losses are sums over label tokens scaled by 1 / the step's label count, gradients
@@ -33,12 +34,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "fixtures"))
 import tiny_models
 
 STEPS, MICRO_BATCH, SEQ_LENGTH, MAX_NORM = 10, 2, 64, 1.0
-CASES = [(kind, packed, 3) for kind in ("lora", "all_weights") for packed in (False, True)]
-CASES.append(("all_weights", True, 1))  # fewer micro batches than stages: GPipe instead of 1F1B
+CASES = [(kind, packed, 3, False) for kind in ("lora", "all_weights") for packed in (False, True)]
+CASES.append(("all_weights", True, 1, False))  # fewer micro batches than stages: GPipe instead of 1F1B
+CASES.append(("all_weights", False, 3, True))  # LM head tied to the embeddings, trained on two stages
+FSDP_CASES = [("lora", False, 4, False), ("all_weights", False, 4, True)]
+"""dp2 × pp2 (4 processes): FSDP2 shards each stage over its data-parallel pair."""
 
 
-def case_name(kind: str, packed: bool, accumulation: int) -> str:
-    return f"{kind}-{'packed' if packed else 'unpacked'}-{accumulation}mb"
+def case_name(kind: str, packed: bool, accumulation: int, tied: bool) -> str:
+    return f"{kind}-{'packed' if packed else 'unpacked'}-{accumulation}mb{'-tied' if tied else ''}"
 
 
 def step_batches(folder: Path, packed: bool, accumulation: int) -> tuple[list[list[Batch]], list[Batch], int]:
@@ -60,9 +64,12 @@ def step_batches(folder: Path, packed: bool, accumulation: int) -> tuple[list[li
     return steps, validation, pad
 
 
-def load(folder: Path, kind: str) -> nn.Module:
+def load(folder: Path, kind: str, tied: bool) -> nn.Module:
     torch.manual_seed(0)  # LoRA's A matrices are random: the same on every rank and in both runs
-    model = load_causal_lm(str(folder))
+    model: Any = load_causal_lm(str(folder))
+    if tied:
+        model.lm_head.weight = model.model.embed_tokens.weight
+        model.config.tie_word_embeddings = True
     return add_lora(model, 8, 16, None) if kind == "lora" else model
 
 
@@ -76,9 +83,9 @@ def optimizer(model: nn.Module, kind: str) -> torch.optim.Optimizer:
     return torch.optim.AdamW(trainable, lr=1e-2 if kind == "lora" else 1e-3, weight_decay=0.0)
 
 
-def run_single(folder: Path, kind: str, packed: bool, accumulation: int) -> dict[str, Any]:
+def run_single(folder: Path, kind: str, packed: bool, accumulation: int, tied: bool) -> dict[str, Any]:
     steps, validation, _ = step_batches(folder, packed, accumulation)
-    model = load(folder, kind)
+    model = load(folder, kind, tied)
     keys = sorted(model.state_dict())
     opt = optimizer(model, kind)
     losses = []
@@ -98,26 +105,39 @@ def run_single(folder: Path, kind: str, packed: bool, accumulation: int) -> dict
     return {"losses": losses, "validation": val, "full_keys": keys}
 
 
-def run_pipeline(folder: Path, kind: str, packed: bool, accumulation: int, rank: int, world: int) -> dict[str, Any]:
-    mesh = build_mesh(ParallelDims(pp=world), rank, world, torch.device("cpu"))
+def run_pipeline(
+    folder: Path, kind: str, packed: bool, accumulation: int, tied: bool, rank: int, world: int
+) -> dict[str, Any]:
+    dp = world // 2
+    mesh = build_mesh(ParallelDims(pp=2, dp=dp), rank, world, torch.device("cpu"))
     group = mesh.group("pp")
     steps, validation, pad = step_batches(folder, packed, accumulation)
-    model = load(folder, kind)
+    model = load(folder, kind, tied)
     full_keys = sorted(model.state_dict())
-    stage = split_stage(model, mesh.coordinate("pp"), world)
+    stage = split_stage(model, mesh.coordinate("pp"), 2)
+    dp_mesh = mesh.submesh("dp")
+    if dp_mesh is not None:  # what the trainer does between splitting and scheduling
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        policy = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
+        for layer in stage.decoder.layers.values():
+            fully_shard(layer, mesh=dp_mesh, mp_policy=policy)
+        fully_shard(stage, mesh=dp_mesh, mp_policy=policy)
+    per_rank = accumulation // dp
     runner = PipelineRunner(
-        stage, group, mesh.device, accumulation, MICRO_BATCH, SEQ_LENGTH, loss, pad, extra_keys=["tokens"]
+        stage, group, mesh.device, per_rank, MICRO_BATCH, SEQ_LENGTH, loss, pad, extra_keys=["tokens"]
     )
     opt = optimizer(stage, kind)
     losses, counted = [], []
     for micro_batches in steps:
         labels = sum(b.num_label_tokens for b in micro_batches)
-        sums = runner.train_step(micro_batches, 1.0 / labels)
-        clip_grad_norm([p for p in stage.parameters() if p.requires_grad], MAX_NORM, group)
+        mine = micro_batches[mesh.data_rank * per_rank :][:per_rank]
+        sums = runner.train_step(mine, dp / labels)  # FSDP averages gradients over dp: undo that
+        clip_grad_norm(stage, MAX_NORM, group)
         opt.step()
         opt.zero_grad(set_to_none=True)
         totals = torch.tensor([sums.loss, sums.extras["tokens"]], dtype=torch.float64)
-        dist.all_reduce(totals, group=group)
+        dist.all_reduce(totals)  # the last stage of every data-parallel rank
         losses.append(float(totals[0]) / labels)
         counted.append(float(totals[1]))
     val = []
@@ -125,7 +145,7 @@ def run_pipeline(folder: Path, kind: str, packed: bool, accumulation: int, rank:
         value = torch.tensor([runner.evaluate(batch)], dtype=torch.float64)
         dist.all_reduce(value, group=group)
         val.append(float(value))
-    stage_keys: list[list[str]] = [[] for _ in range(world)]
+    stage_keys: list[list[str]] = [[] for _ in range(2)]
     dist.all_gather_object(stage_keys, sorted(stage.state_dict()), group=group)
     return {
         "losses": losses,
@@ -146,7 +166,7 @@ def main() -> None:
     results: dict[str, Any] = {}
     if world > 1:
         dist.init_process_group("gloo")
-    for case in CASES:
+    for case in CASES if world <= 2 else FSDP_CASES:
         if world == 1:
             results[case_name(*case)] = run_single(folder, *case)
         else:

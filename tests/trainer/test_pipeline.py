@@ -1,8 +1,9 @@
 """Pipeline parallel: stages keep the full model's names, compute what it computes, and train like it.
 
 The fast tests split the tiny 4-layer Llama in one process and chain the stages by hand; the
-slow one trains 10 AdamW steps with 2 gloo processes (pp=2, 3 micro batches per step with 1F1B, 1 with GPipe,
-pipeline_worker.py under torchrun) and in this process, and compares the loss of every step.
+slow ones train 10 AdamW steps with 2 gloo processes (pp=2, 3 micro batches per step with 1F1B, 1 with GPipe)
+and with 4 (dp2 × pp2, FSDP2 inside the stages) — pipeline_worker.py under torchrun — and in this
+process, and compare the loss of every step.
 """
 
 from __future__ import annotations
@@ -116,17 +117,21 @@ def test_padding_leaves_the_loss_unchanged(four_layers: Path, packed: bool) -> N
         pad_batch(b, 5, 2, PAD)
 
 
-def test_a_trained_tied_embedding_is_refused(models_dir: Path) -> None:
+def test_a_tied_embedding_lives_on_the_first_and_last_stage(models_dir: Path) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
-        vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+        vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=3, num_attention_heads=2,
         tie_word_embeddings=True,
     )  # fmt: skip
-    with pytest.raises(PipelineSplitError, match="tie_word_embeddings"):
-        split_stage(LlamaForCausalLM(config), 0, 2)
-    frozen = LlamaForCausalLM(config).requires_grad_(False)  # LoRA: each stage keeps its frozen copy
-    assert isinstance(split_stage(frozen, 1, 2), DecoderStage)
+    parts = [split_stage(LlamaForCausalLM(config), index, 3) for index in range(3)]
+    first, middle, last = (part.tied_weight for part in parts)
+    assert first is parts[0].decoder.embed_tokens.weight and last is parts[2].lm_head.weight
+    assert middle is None
+    assert all(p is not last for p in parts[2].norm_parameters())  # the norm counts the shared weight once
+    assert {"model.embed_tokens.weight", "lm_head.weight"} <= set(parts[0].state_dict()) | set(parts[2].state_dict())
+    frozen = LlamaForCausalLM(config).requires_grad_(False)  # LoRA: each end keeps its frozen copy
+    assert split_stage(frozen, 0, 2).tied_weight is None
 
 
 def test_a_model_without_the_decoder_layout_is_refused() -> None:
@@ -137,39 +142,58 @@ def test_a_model_without_the_decoder_layout_is_refused() -> None:
 # --------------------------------------------------------------------------- two processes
 
 
-@pytest.fixture(scope="module")
-def curves(four_layers: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The worker's results with 1 process (this one) and with a 2-stage pipeline (all cases in one run)."""
-    out = tmp_path_factory.mktemp("pipeline")
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+def launch(folder: Path, out: Path, processes: int) -> dict[str, Any]:
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}"]
     done = subprocess.run(
-        [*torchrun, str(WORKER), str(four_layers), str(out / "two.json")],
+        [*torchrun, str(WORKER), str(folder), str(out)],
         env={**os.environ, "OMP_NUM_THREADS": "1"},
         capture_output=True,
         text=True,
         timeout=600,
     )
     assert done.returncode == 0, done.stderr[-4000:]
-    one = {
-        pipeline_worker.case_name(*case): pipeline_worker.run_single(four_layers, *case)
-        for case in pipeline_worker.CASES
-    }
-    return one, json.loads((out / "two.json").read_text())
+    result: dict[str, Any] = json.loads(out.read_text())
+    return result
+
+
+def reference(folder: Path, cases: list[tuple[str, bool, int, bool]]) -> dict[str, Any]:
+    """The same training in this process, without any parallelism."""
+    return {pipeline_worker.case_name(*case): pipeline_worker.run_single(folder, *case) for case in cases}
+
+
+def check_same_training(one: dict[str, Any], many: dict[str, Any]) -> None:
+    assert len(one["losses"]) == len(many["losses"]) == 10
+    assert max(abs(a - b) for a, b in zip(one["losses"], many["losses"], strict=True)) < 1e-4, (one, many)
+    assert one["losses"][-1] < one["losses"][0] - 0.1  # it trained
+    assert many["label_tokens"] == many["expected_label_tokens"]  # extras: summed once per micro batch
+    # Validation: loss sums of ~100 label tokens, forward only.
+    assert max(abs(a - b) for a, b in zip(one["validation"], many["validation"], strict=True)) < 1e-3
+    full = set(many["full_keys"])
+    assert full == set(one["full_keys"])
+    stage_keys = [set(keys) for keys in many["stage_keys"]]
+    assert all(keys <= full for keys in stage_keys)
+    assert set.union(*stage_keys) == full
+
+
+@pytest.fixture(scope="module")
+def pp2(four_layers: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], dict[str, Any]]:
+    """1 process (this one) and a 2-stage pipeline (all cases in one torchrun)."""
+    two = launch(four_layers, tmp_path_factory.mktemp("pp2") / "two.json", 2)
+    return reference(four_layers, pipeline_worker.CASES), two
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case", [pipeline_worker.case_name(*case) for case in pipeline_worker.CASES])
-def test_two_stages_train_like_one_process(curves: tuple[dict[str, Any], dict[str, Any]], case: str) -> None:
-    one, two = curves[0][case], curves[1][case]
+def test_two_stages_train_like_one_process(pp2: tuple[dict[str, Any], dict[str, Any]], case: str) -> None:
+    one, two = pp2[0][case], pp2[1][case]
     assert two["schedule"] == ("ScheduleGPipe" if case.endswith("-1mb") else "Schedule1F1B")
-    assert len(one["losses"]) == len(two["losses"]) == 10
-    assert max(abs(a - b) for a, b in zip(one["losses"], two["losses"], strict=True)) < 1e-4, (one, two)
-    assert one["losses"][-1] < one["losses"][0] - 0.1  # it trained
-    assert two["label_tokens"] == two["expected_label_tokens"]  # extras: summed once per micro batch
-    # Validation: loss sums of ~100 label tokens, forward only.
-    assert max(abs(a - b) for a, b in zip(one["validation"], two["validation"], strict=True)) < 1e-3
-    full = set(two["full_keys"])
-    assert full == set(one["full_keys"])
-    stage_keys = [set(keys) for keys in two["stage_keys"]]
-    assert all(keys <= full for keys in stage_keys)
-    assert set.union(*stage_keys) == full
+    check_same_training(one, two)
+
+
+@pytest.mark.slow
+def test_fsdp2_inside_the_stages_dp2_pp2(four_layers: Path, tmp_path: Path) -> None:
+    """4 processes: each stage sharded by FSDP2 over its data-parallel pair; LoRA, and full weights with a tied head."""
+    four = launch(four_layers, tmp_path / "four.json", 4)
+    one = reference(four_layers, pipeline_worker.FSDP_CASES)
+    for case in one:
+        check_same_training(one[case], four[case])

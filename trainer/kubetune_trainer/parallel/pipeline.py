@@ -24,13 +24,16 @@ and evaluation batches also to `micro_batch_size` rows (label-free copies of a r
 Gradients: the caller's loss is a sum over label tokens, multiplied by the caller's `scale`
 before backward; the schedule's own division by the number of micro batches is off. Each
 stage only holds its own parameters, so gradient-norm clipping must see all stages:
-`clip_grad_norm` reduces the norm over the pipeline group.
+`clip_grad_norm` reduces the norm over the pipeline group. A trained tied embedding (LM head
+= input embeddings, e.g. SmolLM2, Qwen3-0.6B) lives on the first stage as the embedding and
+on the last as the head; the runner adds their gradients after each step, so both copies
+take the same optimizer update and stay equal, as the one shared weight in a single process.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
@@ -51,7 +54,7 @@ FULL_ATTENTION, SLIDING_ATTENTION = "full_attention", "sliding_attention"
 
 
 class PipelineSplitError(ValueError):
-    """The model cannot be split into pipeline stages (layout, model family, tied weights)."""
+    """The model cannot be split into pipeline stages (its layout, or more stages than layers)."""
 
 
 # --------------------------------------------------------------------------- splitting
@@ -135,6 +138,7 @@ class DecoderStage(nn.Module):
         num_stages: int,
         layer_indices: range,
         autocast_dtype: torch.dtype | None,
+        trains_tied_embedding: bool = False,
     ) -> None:
         super().__init__()
         if any(True for _ in model.parameters(recurse=False)) or any(True for _ in model.buffers(recurse=False)):
@@ -145,6 +149,7 @@ class DecoderStage(nn.Module):
         self.stage_index, self.num_stages = stage_index, num_stages
         self.layer_indices = layer_indices
         self.autocast_dtype = autocast_dtype
+        self.trains_tied_embedding = trains_tied_embedding
         self.attention_types = layer_attention_types(self.decoder.config)
 
     @property
@@ -154,6 +159,25 @@ class DecoderStage(nn.Module):
     @property
     def is_last(self) -> bool:
         return self.stage_index == self.num_stages - 1
+
+    @property
+    def tied_weight(self) -> nn.Parameter | None:
+        """This stage's copy of a trained weight shared by the embeddings and the LM head.
+
+        The first stage holds it as the embedding, the last as the LM head; their gradients
+        are summed after each step (`PipelineRunner`), so both copies take the same update,
+        as the one shared weight does in a single process.
+        """
+        if not self.trains_tied_embedding or not (self.is_first or self.is_last):
+            return None
+        part: Any = self.decoder.embed_tokens if self.is_first else self.get_submodule(self.paths.lm_head)
+        weight: nn.Parameter = part.weight
+        return weight
+
+    def norm_parameters(self) -> list[nn.Parameter]:
+        """Trainable parameters counted in the gradient norm: the last stage's tied copy is not."""
+        skip = self.tied_weight if self.is_last else None
+        return [p for p in self.parameters() if p.requires_grad and p is not skip]
 
     @property
     def decoder(self) -> Any:
@@ -227,14 +251,8 @@ def split_stage(
     layers = decoder.layers
     if not isinstance(layers, nn.ModuleList):
         raise PipelineSplitError(f"{type(decoder).__name__}.layers is a {type(layers).__name__}, not a ModuleList")
-    head, embeddings = causal_lm.lm_head, decoder.embed_tokens
-    head_weight, embedding_weight = getattr(head, "weight", None), getattr(embeddings, "weight", None)
-    if num_stages > 1 and head_weight is embedding_weight and head_weight is not None and head_weight.requires_grad:
-        raise PipelineSplitError(
-            "the model ties its LM head to its input embeddings (tie_word_embeddings), and training that shared "
-            "weight across pipeline stages is not supported: use LoRA (the embeddings stay frozen) or "
-            "pipeline_parallel_size 1"
-        )
+    head_weight = getattr(causal_lm.lm_head, "weight", None)
+    tied = head_weight is not None and head_weight is getattr(decoder.embed_tokens, "weight", None)
     mine = stage_layer_indices(len(layers), num_stages, stage_index)
     decoder.layers = nn.ModuleDict({str(i): layers[i] for i in mine})
     if stage_index != 0:
@@ -242,7 +260,8 @@ def split_stage(
     if stage_index != num_stages - 1:
         decoder.register_module("norm", None)
         causal_lm.register_module("lm_head", None)
-    return DecoderStage(model, paths, stage_index, num_stages, mine, autocast_dtype)
+    trained_tied = tied and num_stages > 1 and head_weight is not None and bool(head_weight.requires_grad)
+    return DecoderStage(model, paths, stage_index, num_stages, mine, autocast_dtype, trained_tied)
 
 
 # --------------------------------------------------------------------------- padding
@@ -331,7 +350,7 @@ class PipelineRunner:
 
         if stage.num_stages < 2:
             raise ValueError("a pipeline needs at least 2 stages; run a single stage as a normal model")
-        self.stage_module = stage
+        self.stage, self.group = stage, group
         self.is_first, self.is_last = stage.is_first, stage.is_last
         self.device, self.n_microbatches = device, n_microbatches
         self.micro_batch_size, self.seq_length, self.pad_id = micro_batch_size, seq_length, pad_id
@@ -400,15 +419,39 @@ class PipelineRunner:
             )
         self._scale = scale
         padded = [pad_batch(b, self.seq_length, self.micro_batch_size, self.pad_id) for b in micro_batches]
-        self.stage_module.train()
+        self.stage.train()
         self.schedule.step(**self._inputs(padded), return_outputs=False)
+        self._sum_tied_gradients()
         return self._sum(len(padded))
+
+    def _sum_tied_gradients(self) -> None:
+        """First and last stage swap their gradients of a tied embedding and both add them up."""
+        import torch.distributed as dist
+        from torch.distributed.tensor import DTensor
+
+        weight = self.stage.tied_weight
+        if weight is None:
+            return
+        if weight.grad is None:
+            weight.grad = torch.zeros_like(weight)
+        grad = weight.grad
+        local = grad.to_local() if isinstance(grad, DTensor) else grad  # both ends shard it alike (dim 0)
+        peer_stage = self.stage.num_stages - 1 if self.stage.is_first else 0
+        peer = peer_stage if self.group is None else dist.get_global_rank(self.group, peer_stage)
+        received = torch.empty_like(local)
+        ops = [
+            dist.P2POp(dist.isend, local.clone(), peer, self.group),
+            dist.P2POp(dist.irecv, received, peer, self.group),
+        ]
+        for work in dist.batch_isend_irecv(ops):
+            work.wait()
+        local.add_(received)
 
     @torch.no_grad()
     def evaluate(self, batch: Batch) -> float:
         """The loss sum of one batch (validation), on the last stage; 0.0 on the others."""
         padded = pad_batch(batch, self.seq_length, self.micro_batch_size, self.pad_id)
-        self.stage_module.eval()
+        self.stage.eval()
         self.eval_schedule.eval(**self._inputs([padded]))
         return self._sum(1).loss
 
@@ -416,30 +459,32 @@ class PipelineRunner:
 # --------------------------------------------------------------------------- gradients
 
 
-def clip_grad_norm(parameters: Iterable[nn.Parameter], max_norm: float, group: ProcessGroup | None) -> float:
+def clip_grad_norm(stage: DecoderStage, max_norm: float, group: ProcessGroup | None) -> float:
     """Clip the gradients of all pipeline stages together; returns the total norm before clipping.
 
     Each stage holds different parameters, so the squared norms are summed over the pipeline
     group before the common clipping factor is applied (DTensor gradients, from FSDP2 or TP,
-    count with their full size).
+    count with their full size; a tied embedding counts once), as `clip_grad_norm_` does for
+    the whole model in one process.
     """
     import torch.distributed as dist
     from torch.distributed.tensor import DTensor
 
-    grads = [p.grad for p in parameters if p.grad is not None]
-    squares = torch.zeros((), dtype=torch.float64)
-    for grad in grads:
-        norm = torch.linalg.vector_norm(grad, dtype=torch.float32)
+    device = next(stage.parameters()).device
+    squares = torch.zeros((), dtype=torch.float64, device=device)
+    for param in stage.norm_parameters():
+        if param.grad is None:
+            continue
+        norm = torch.linalg.vector_norm(param.grad, dtype=torch.float32)
         if isinstance(norm, DTensor):
             norm = norm.full_tensor()
-        squares = squares + norm.detach().to(torch.float64).cpu() ** 2
+        squares += norm.detach().to(torch.float64) ** 2
     if group is not None:
-        device = grads[0].device if grads else torch.device("cpu")
-        squares = squares.to(device if dist.get_backend(group) != "gloo" else "cpu")
         dist.all_reduce(squares, group=group)
     total = math.sqrt(float(squares))
     factor = max_norm / (total + 1e-6)
     if factor < 1.0:
-        for grad in grads:
-            grad.mul_(factor)
+        for param in stage.parameters():
+            if param.requires_grad and param.grad is not None:
+                param.grad.mul_(factor)
     return total

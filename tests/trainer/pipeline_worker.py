@@ -25,7 +25,7 @@ from torch import nn
 
 from kubetune_trainer.batching import Batch, as_sequences, collate
 from kubetune_trainer.data import Row, parse_rows, tokenize
-from kubetune_trainer.losses import cross_entropy_sum
+from kubetune_trainer.losses import cross_entropy_sum, shift_labels
 from kubetune_trainer.models import add_lora, load_causal_lm, pad_id
 from kubetune_trainer.parallel.mesh import ParallelDims, build_mesh
 from kubetune_trainer.parallel.pipeline import PipelineRunner, clip_grad_norm, split_stage
@@ -74,7 +74,7 @@ def load(folder: Path, kind: str, tied: bool) -> nn.Module:
 
 
 def loss(logits: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    total = cross_entropy_sum(logits, batch.labels.to(logits.device))
+    total = cross_entropy_sum(logits, shift_labels(batch.labels).to(logits.device))
     return total, {"tokens": torch.tensor(float(batch.num_label_tokens))}
 
 

@@ -23,7 +23,7 @@ from torch import nn
 
 from kubetune_trainer.batching import Batch, collate
 from kubetune_trainer.data import Example
-from kubetune_trainer.losses import cross_entropy_sum
+from kubetune_trainer.losses import cross_entropy_sum, shift_labels
 from kubetune_trainer.models import add_lora, load_causal_lm
 from kubetune_trainer.parallel.pipeline import (
     DecoderStage,
@@ -110,8 +110,8 @@ def test_padding_leaves_the_loss_unchanged(four_layers: Path, packed: bool) -> N
     assert (wide.num_tokens, wide.num_label_tokens) == (b.num_tokens, b.num_label_tokens)
     model = load(four_layers, False)
     with torch.no_grad():
-        narrow_loss = cross_entropy_sum(model(**b.model_inputs(torch.device("cpu"))).logits, b.labels)
-        wide_loss = cross_entropy_sum(model(**wide.model_inputs(torch.device("cpu"))).logits, wide.labels)
+        narrow_loss = cross_entropy_sum(model(**b.model_inputs(torch.device("cpu"))).logits, shift_labels(b.labels))
+        wide_loss = cross_entropy_sum(model(**wide.model_inputs(torch.device("cpu"))).logits, shift_labels(wide.labels))
     assert abs(float(narrow_loss) - float(wide_loss)) < 1e-4
     with pytest.raises(ValueError, match="does not fit the pipeline's 2 × 5"):
         pad_batch(b, 5, 2, PAD)

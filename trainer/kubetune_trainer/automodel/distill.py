@@ -4,9 +4,10 @@ Features:
 - a frozen teacher at `teacher_precision` (bf16, fp16, fp32) teaches the student with
   loss = ratio × KL(teacher/T ‖ student/T)·T² + (1 − ratio) × CE on completion tokens
   (`kubetune_trainer.losses.distillation_sums`); `distillation_ratio` 0 = CE only, 1 = KD only;
-- the student trains as in SFT: LoRA, merged LoRA or full weights, FSDP2 data parallel,
-  checkpoints and resume; the teacher is not sharded (each rank keeps a full copy for
-  inference) and, with `offload_teacher`, waits in CPU memory between forward passes;
+- the student trains as in SFT: LoRA, merged LoRA or full weights, any layout, checkpoints
+  and resume; the teacher is not sharded (each rank keeps a full copy for inference; under
+  context parallel it runs on the rank's slices, under pipeline parallel on the last stage)
+  and, with `offload_teacher`, waits in CPU memory between forward passes;
 - the step history records `kl` and `ce` next to the loss; `val_loss` is the same
   combined loss on the validation data.
 

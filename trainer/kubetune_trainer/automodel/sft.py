@@ -6,14 +6,15 @@ Features:
   weights at the end), `all_weights` (every parameter trained);
 - data: see `kubetune_trainer.data` (formats, completion-only loss, truncation) and
   `kubetune_trainer.batching` (packing, the step schedule);
-- data parallel with FSDP2 under torchrun (gloo on CPU, NCCL on GPUs); fp32 on CPU,
-  bf16 compute on GPUs;
+- any layout the planner accepts, under torchrun (gloo on CPU, NCCL on GPUs): data
+  parallel with FSDP2, tensor, pipeline, context and expert parallel on one device mesh
+  (`distributed.parallelize`, docs/parallelism.md); fp32 on CPU, bf16 compute on GPUs;
 - checkpoints every N steps, at the end and on SIGTERM; resume from the newest one;
 - the result as a PEFT adapter or a safetensors model, plus `kubetune.json`.
 
 Raises:
-- `ConfigError`: a job this trainer cannot run (model parallel sizes > 1, world size
-  differing from the layout, a missing integration package);
+- `ConfigError`: a job this trainer cannot run (a layout the model cannot be split into,
+  world size differing from the layout, a missing integration package);
 - `DataError`: a missing file or malformed row (with file and line), before any model loads;
 - `ModelError`: a missing model folder, an unreachable `hf://` URI, bad `target_modules`;
 - `DataTooSmall`: fewer training sequences than the global batch;

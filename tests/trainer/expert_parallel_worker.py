@@ -49,6 +49,8 @@ def tiny_moe(model_type: str) -> nn.Module:
         "num_experts_per_tok": 2,
         "max_position_embeddings": 128,
         "attn_implementation": "eager",
+        # Large enough that a wrong aux-loss gradient shows in the loss curve (models ship 0.001).
+        "router_aux_loss_coef": 1.0,
     }
     torch.manual_seed(0)
     if model_type == "qwen3_moe":
@@ -126,7 +128,7 @@ def main() -> None:
             aux = load_balancing_loss(outputs.router_logits, experts, config.num_experts_per_tok, attention_mask, group)
             if group is None:  # the model's own definition on the whole batch
                 assert torch.allclose(aux, outputs.aux_loss, rtol=1e-6, atol=1e-7), (aux, outputs.aux_loss)
-            aux_values.append(float(aux))
+            aux_values.append(float(aux.detach()))
             loss = loss + config.router_aux_loss_coef * aux
         loss.backward()  # type: ignore[no-untyped-call]
         value = loss.detach().clone()
@@ -146,12 +148,12 @@ def main() -> None:
         import torch.distributed.checkpoint as dcp
 
         state = model.state_dict()
-        if args.checkpoint:
-            dcp.save(state, checkpoint_id=str(args.checkpoint))
-        if args.compare:
+        if args.compare:  # load it into tensors laid out as this run's (sharded experts under ep2)
             saved = {name: torch.zeros_like(tensor) for name, tensor in state.items()}
             dcp.load(saved, checkpoint_id=str(args.compare))
             result["max_weight_difference"] = max(float((saved[n] - state[n]).abs().max()) for n in state)
+        if args.checkpoint:
+            dcp.save(state, checkpoint_id=str(args.checkpoint))
     if rank == 0:
         args.out.write_text(json.dumps(result))
     if group is not None:

@@ -83,7 +83,7 @@ def add_lora(model: nn.Module) -> nn.Module:
     return get_peft_model(model, config)  # type: ignore[no-any-return]
 
 
-def main() -> None:
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     parser.add_argument("out", type=Path)
     parser.add_argument("--model", choices=["qwen3_moe", "mixtral"], required=True)
@@ -91,8 +91,11 @@ def main() -> None:
     parser.add_argument("--aux", action="store_true", help="add the router load-balancing loss")
     parser.add_argument("--checkpoint", type=Path, help="save the trained model here with DCP")
     parser.add_argument("--compare", type=Path, help="load this DCP checkpoint and report the max difference")
-    args = parser.parse_args()
+    return parser.parse_args(argv)
 
+
+def train(args: argparse.Namespace) -> dict[str, Any]:
+    """Run the steps on this rank (1 process when WORLD_SIZE is unset) and return rank 0's results."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     group = None
@@ -154,10 +157,16 @@ def main() -> None:
             result["max_weight_difference"] = max(float((saved[n] - state[n]).abs().max()) for n in state)
         if args.checkpoint:
             dcp.save(state, checkpoint_id=str(args.checkpoint))
-    if rank == 0:
-        args.out.write_text(json.dumps(result))
     if group is not None:
         dist.destroy_process_group()
+    return result
+
+
+def main() -> None:
+    args = parse()
+    result = train(args)
+    if int(os.environ.get("RANK", "0")) == 0:
+        args.out.write_text(json.dumps(result))
 
 
 if __name__ == "__main__":

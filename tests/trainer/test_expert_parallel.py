@@ -2,32 +2,46 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import torch
 
-from kubetune_trainer.parallel.experts import check_expert_parallel, expert_count, load_balancing_loss
+from kubetune_trainer.parallel.experts import (
+    apply_expert_parallel,
+    check_expert_parallel,
+    expert_count,
+    expert_parameters,
+    load_balancing_loss,
+)
+from kubetune_trainer.parallel.mesh import ParallelDims, build_mesh
+
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
 
 WORKER = Path(__file__).with_name("expert_parallel_worker.py")
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
 sys.path.insert(0, str(WORKER.parent))
 
-from expert_parallel_worker import STEPS, tiny_moe  # noqa: E402
+from expert_parallel_worker import STEPS, parse, tiny_moe, train  # noqa: E402
 
 
-def run_worker(out: Path, processes: int, *options: str) -> dict[str, Any]:
-    launcher = (
-        [sys.executable]
-        if processes == 1
-        else [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}"]
-    )
+def run_one(out: Path, *options: str) -> dict[str, Any]:
+    """The 1-process reference, in this process (saves a Python start-up per test)."""
+    assert "WORLD_SIZE" not in os.environ
+    return train(parse([str(out), *options]))
+
+
+def run_ep2(out: Path, *options: str) -> dict[str, Any]:
     done = subprocess.run(
-        [*launcher, str(WORKER), str(out), *options],
+        [*TORCHRUN, str(WORKER), str(out), *options],
         env={**os.environ, "OMP_NUM_THREADS": "1"},
         capture_output=True,
         text=True,
@@ -49,9 +63,9 @@ def max_difference(a: list[float], b: list[float]) -> float:
 def test_ep2_matches_one_process(tmp_path: Path, model: str, kind: str) -> None:
     options = ["--model", model, "--kind", kind]
     saves = kind == "full"  # checkpoints: saved by 1 process, loaded under ep2, saved again under ep2
-    one = run_worker(tmp_path / "one.json", 1, *options, *(["--checkpoint", str(tmp_path / "ck1")] if saves else []))
+    one = run_one(tmp_path / "one.json", *options, *(["--checkpoint", str(tmp_path / "ck1")] if saves else []))
     ep2_checkpoint = ["--compare", str(tmp_path / "ck1"), "--checkpoint", str(tmp_path / "ck2")] if saves else []
-    two = run_worker(tmp_path / "two.json", 2, *options, *ep2_checkpoint)
+    two = run_ep2(tmp_path / "two.json", *options, *ep2_checkpoint)
 
     assert max_difference(one["losses"], two["losses"]) < 1e-4, (one["losses"], two["losses"])
     assert one["losses"][-1] < one["losses"][0] - 0.2  # it trains
@@ -79,8 +93,8 @@ def test_ep2_matches_one_process(tmp_path: Path, model: str, kind: str) -> None:
 def test_ep2_router_aux_loss_matches_one_process(tmp_path: Path) -> None:
     """With the load-balancing loss (coefficient 1.0), which needs batch-wide expert statistics."""
     options = ["--model", "qwen3_moe", "--kind", "lora", "--aux"]
-    one = run_worker(tmp_path / "one.json", 1, *options)  # also checks it equals the model's aux_loss
-    two = run_worker(tmp_path / "two.json", 2, *options)
+    one = run_one(tmp_path / "one.json", *options)  # also checks it equals the model's aux_loss
+    two = run_ep2(tmp_path / "two.json", *options)
     assert max_difference(one["losses"], two["losses"]) < 1e-4, (one["losses"], two["losses"])
     assert max_difference(one["aux"], two["aux"]) < 1e-4, (one["aux"], two["aux"])
     assert one["aux"][-1] < one["aux"][0]  # the routing becomes more balanced
@@ -117,3 +131,52 @@ def test_load_balancing_loss_is_the_models_own(masked: bool) -> None:
     mask = torch.tensor([[1] * 7, [1] * 4 + [0] * 3]) if masked else None
     ours = load_balancing_loss(logits, 4, 2, mask)
     assert torch.allclose(ours, load_balancing_loss_func(logits, 4, 2, mask), rtol=1e-6)
+
+
+@pytest.fixture
+def one_rank_ep_mesh(tmp_path: Path) -> Iterator[DeviceMesh]:
+    """A 1-process gloo group and its 1-rank ep mesh (the all-to-alls run, to and from itself)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        yield init_device_mesh("cpu", (1,), mesh_dim_names=("ep",))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "mixtral"])
+def test_sharded_block_computes_the_models_block(one_rank_ep_mesh: DeviceMesh, model_type: str) -> None:
+    """Output and gradients of an MoE block through dispatch/combine equal the model's own."""
+    reference = tiny_moe(model_type)
+    sharded = copy.deepcopy(reference)
+    assert apply_expert_parallel(sharded, one_rank_ep_mesh) == 2
+    hidden = torch.randn(3, 5, 64)
+    blocks = [m.model.layers[1].mlp for m in (reference, sharded)]  # type: ignore[union-attr,index]
+    outputs = [block(hidden) for block in blocks]
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-5, atol=1e-6)
+    for output in outputs:
+        output.pow(2).sum().backward()
+    for name in ("gate_up_proj", "down_proj"):
+        ours = getattr(blocks[1].experts, name).grad.full_tensor()
+        torch.testing.assert_close(ours, getattr(blocks[0].experts, name).grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(blocks[1].gate.weight.grad, blocks[0].gate.weight.grad, rtol=1e-5, atol=1e-6)
+    assert [n for n, _ in expert_parameters(sharded)] == [
+        f"model.layers.{layer}.mlp.experts.{name}" for layer in (0, 1) for name in ("gate_up_proj", "down_proj")
+    ]
+
+
+def test_refuses_dense_models_and_lora_on_experts(one_rank_ep_mesh: DeviceMesh) -> None:
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    dense = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1))
+    with pytest.raises(ValueError, match="no fused experts module"):
+        apply_expert_parallel(dense, one_rank_ep_mesh)
+    lora = LoraConfig(r=2, target_modules=["q_proj"], target_parameters=["mlp.experts.gate_up_proj"])
+    with pytest.raises(ValueError, match="LoRA on expert weights"):
+        apply_expert_parallel(get_peft_model(tiny_moe("qwen3_moe"), lora), one_rank_ep_mesh)
+    single = build_mesh(ParallelDims(), 0, 1, torch.device("cpu"))
+    assert apply_expert_parallel(tiny_moe("mixtral"), single) == 0  # ep 1: nothing to shard

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+from torch.nn.utils.parametrize import is_parametrized
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -63,8 +64,7 @@ def check_expert_parallel(num_experts: int | None, ep: int, tp: int = 1) -> None
         raise ValueError(f"expert_parallel_size {ep} needs a mixture-of-experts model; this model has no experts")
     if num_experts % ep:
         raise ValueError(
-            f"expert_parallel_size {ep} must divide the model's {num_experts} experts; "
-            f"use a divisor of {num_experts}"
+            f"expert_parallel_size {ep} must divide the model's {num_experts} experts; use a divisor of {num_experts}"
         )
     if tp != 1:
         raise ValueError(f"expert_parallel_size {ep} needs tensor_parallel_size 1 (got {tp})")
@@ -136,7 +136,7 @@ class ExpertParallelExperts(nn.Module):
         gate_up = self.gate_up_proj.to_local()  # type: ignore[attr-defined]
         down = self.down_proj.to_local()  # type: ignore[attr-defined]
         outputs = []
-        for expert, rows in enumerate(tokens.split(list(counts))):
+        for expert, rows in enumerate(torch.split(tokens, list(counts))):
             gate, up = nn.functional.linear(rows, gate_up[expert]).chunk(2, dim=-1)
             outputs.append(nn.functional.linear(self.act_fn(gate) * up, down[expert]))
         return torch.cat(outputs)
@@ -203,6 +203,13 @@ def apply_expert_parallel(model: nn.Module, mesh: DeviceMesh | ParallelMesh) -> 
     for name, module in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
+        if is_parametrized(module) or type(parent).__module__.startswith("peft."):
+            # peft's LoRA on expert weights wraps the whole 3-D parameter; sharding it would
+            # pair each rank's expert slice with the adapter of all experts.
+            raise ValueError(
+                f"{name}: LoRA on expert weights cannot be combined with expert parallel; "
+                "target the attention (or dense MLP) projections only, or set expert_parallel_size to 1"
+            )
         setattr(parent, child, ExpertParallelExperts(module, ep_mesh))
     return len(targets)
 

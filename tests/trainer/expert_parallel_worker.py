@@ -27,6 +27,7 @@ from kubetune_trainer.data import IGNORE_INDEX
 from kubetune_trainer.losses import cross_entropy_sum
 from kubetune_trainer.parallel.experts import (
     apply_expert_parallel,
+    clip_grad_norm,
     expert_count,
     expert_parameter_names,
     load_balancing_loss,
@@ -34,6 +35,7 @@ from kubetune_trainer.parallel.experts import (
 from kubetune_trainer.parallel.mesh import ParallelDims, build_mesh
 
 STEPS, ROWS, LENGTH, VOCAB = 10, 4, 24, 128
+MAX_GRAD_NORM = 1.0  # the automodel loop's
 
 
 def tiny_moe(model_type: str) -> nn.Module:
@@ -122,7 +124,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     optimizer = torch.optim.AdamW([p for _, p in trainable], lr=1e-2, weight_decay=0.0)
     experts = expert_count(config)
     assert experts == 4, experts
-    losses, aux_values = [], []
+    losses, aux_values, norms = [], [], []
     model.train()
     for _ in range(STEPS):
         outputs = model(input_ids=input_ids, attention_mask=attention_mask, output_router_logits=args.aux)
@@ -143,10 +145,21 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                 if name not in ep_names and param.grad is not None:
                     dist.all_reduce(param.grad, group=group)
         losses.append(float(value))
+        if group is None:  # plain tensors only: torch's own norm is the reference
+            expected = torch.nn.utils.get_total_norm([p.grad for _, p in trainable if p.grad is not None])
+        norm = clip_grad_norm([p for _, p in trainable], MAX_GRAD_NORM)  # clips: the norms start above 1
+        if group is None:
+            assert torch.allclose(norm, expected, rtol=1e-6), (norm, expected)
+        norms.append(float(norm))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    result: dict[str, Any] = {"losses": losses, "aux": aux_values, "expert_parameters": sorted(ep_names)}
+    result: dict[str, Any] = {
+        "losses": losses,
+        "aux": aux_values,
+        "grad_norms": norms,
+        "expert_parameters": sorted(ep_names),
+    }
     if args.checkpoint or args.compare:
         import torch.distributed.checkpoint as dcp
 

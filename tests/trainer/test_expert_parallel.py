@@ -30,7 +30,7 @@ WORKER = Path(__file__).with_name("expert_parallel_worker.py")
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
 sys.path.insert(0, str(WORKER.parent))
 
-from expert_parallel_worker import STEPS, parse, tiny_moe, train  # noqa: E402
+from expert_parallel_worker import MAX_GRAD_NORM, STEPS, parse, tiny_moe, train  # noqa: E402
 
 
 def run_one(out: Path, *options: str) -> dict[str, Any]:
@@ -69,6 +69,10 @@ def test_ep2_matches_one_process(tmp_path: Path, model: str, kind: str) -> None:
 
     assert max_difference(one["losses"], two["losses"]) < 1e-4, (one["losses"], two["losses"])
     assert one["losses"][-1] < one["losses"][0] - 0.2  # it trains
+    # The clipped gradient norm counts each expert shard once (clip_grad_norm over mixed meshes).
+    assert max_difference(one["grad_norms"], two["grad_norms"]) < 1e-4 * max(one["grad_norms"])
+    if kind == "full":  # expert shards among the trained parameters; clipping really scales them
+        assert max(one["grad_norms"]) > MAX_GRAD_NORM
     prefix = "base_model.model." if kind == "lora" else ""
     assert two["expert_parameters"] == [
         f"{prefix}model.layers.{layer}.mlp.experts.{name}" for layer in (0, 1) for name in ("down_proj", "gate_up_proj")

@@ -36,6 +36,12 @@ def tiny_model(models_dir: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_moe_model(models_dir: Path) -> Path:
+    """A Qwen3-MoE student with the tiny tokenizer: 4 experts, top 2, 2 layers."""
+    return tiny_models.build_moe_model(models_dir / "moe")
+
+
+@pytest.fixture(scope="session")
 def tiny_teacher(models_dir: Path) -> Path:
     """Teacher with the student's tokenizer: hidden 128, 2 layers."""
     return tiny_models.build_model(models_dir / "teacher", hidden=128, heads=4, kv_heads=2, seed=1)

@@ -33,7 +33,10 @@ LAYOUTS: dict[str, dict[str, int]] = {
     "pp2": {"num_gpus_per_node": 2, "pipeline_parallel_size": 2},
     "dp2xpp2": {"num_gpus_per_node": 4, "pipeline_parallel_size": 2},
     "pp2xtp2": {"num_gpus_per_node": 4, "pipeline_parallel_size": 2, "tensor_parallel_size": 2},
+    "ep2": {"num_gpus_per_node": 2, "expert_parallel_size": 2},
 }
+MOE_LAYOUTS = {"ep2"}
+"""Layouts trained on the tiny MoE model (the others on the tiny dense Llama)."""
 
 
 def run_trainer(config: Path, progress: Path, processes: int, *extra: str) -> None:
@@ -74,23 +77,25 @@ def weights_kind(kind: str) -> str:
     return "lora" if kind == "distill" else kind
 
 
+Reference = Callable[[str, Path], tuple[list[float], dict[str, Any]]]
+"""(kind, model folder) -> the single-process per-step losses and result weights."""
+
+
 @pytest.fixture(scope="module")
-def reference(
-    tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, tiny_teacher: Path, task_data: Path
-) -> Callable[[str], tuple[list[float], dict[str, Any]]]:
-    """The single-process run of each kind (computed once per module)."""
+def reference(tmp_path_factory: pytest.TempPathFactory, tiny_teacher: Path, task_data: Path) -> Reference:
+    """The single-process run of each kind and model (computed once per module)."""
     from tests.trainer.conftest import make_job
 
-    cache: dict[str, tuple[list[float], dict[str, Any]]] = {}
+    cache: dict[tuple[str, Path], tuple[list[float], dict[str, Any]]] = {}
 
-    def get(kind: str) -> tuple[list[float], dict[str, Any]]:
-        if kind not in cache:
+    def get(kind: str, model: Path) -> tuple[list[float], dict[str, Any]]:
+        if (kind, model) not in cache:
             folder = tmp_path_factory.mktemp(f"reference-{kind}")
             teacher = tiny_teacher if kind == "distill" else None
-            job, config = make_job(folder / "out", tiny_model, task_data, spec=spec_for(kind), teacher=teacher)
+            job, config = make_job(folder / "out", model, task_data, spec=spec_for(kind), teacher=teacher)
             run_trainer(config, folder / "progress.jsonl", 1)
-            cache[kind] = (step_losses(folder / "progress.jsonl"), result_weights(job, weights_kind(kind)))
-        return cache[kind]
+            cache[kind, model] = (step_losses(folder / "progress.jsonl"), result_weights(job, weights_kind(kind)))
+        return cache[kind, model]
 
     return get
 
@@ -100,8 +105,9 @@ def reference(
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 def test_layout_matches_one_process(
     job_factory: Callable[..., Any],
-    reference: Callable[[str], tuple[list[float], dict[str, Any]]],
+    reference: Reference,
     tiny_model: Path,
+    tiny_moe_model: Path,
     tiny_teacher: Path,
     task_data: Path,
     tmp_path: Path,
@@ -109,10 +115,11 @@ def test_layout_matches_one_process(
     kind: str,
 ) -> None:
     parallelism = LAYOUTS[layout]
+    model = tiny_moe_model if layout in MOE_LAYOUTS else tiny_model
     teacher = tiny_teacher if kind == "distill" else None
-    job, config = job_factory(tiny_model, task_data, spec=spec_for(kind, parallelism), output=layout, teacher=teacher)
+    job, config = job_factory(model, task_data, spec=spec_for(kind, parallelism), output=layout, teacher=teacher)
     run_trainer(config, tmp_path / "progress.jsonl", job.layout.world_size)
-    expected_losses, expected_weights = reference(kind)
+    expected_losses, expected_weights = reference(kind, model)
     losses = step_losses(tmp_path / "progress.jsonl")
     assert len(losses) == len(expected_losses) == STEPS
     assert max(abs(a - b) for a, b in zip(losses, expected_losses, strict=True)) < TOLERANCE, (losses, expected_losses)
@@ -122,7 +129,7 @@ def test_layout_matches_one_process(
 @pytest.mark.slow
 def test_checkpoint_saved_under_tp2_resumes_under_dp2(
     job_factory: Callable[..., Any],
-    reference: Callable[[str], tuple[list[float], dict[str, Any]]],
+    reference: Reference,
     tiny_model: Path,
     task_data: Path,
     tmp_path: Path,
@@ -147,7 +154,7 @@ def test_checkpoint_saved_under_tp2_resumes_under_dp2(
     dp_config.write_text(json.dumps(dp_document), encoding="utf-8")
     run_trainer(dp_config, tmp_path / "dp2.jsonl", 2)
 
-    expected_losses, expected_weights = reference(kind)
+    expected_losses, expected_weights = reference(kind, tiny_model)
     resumed = step_losses(tmp_path / "dp2.jsonl")
     assert len(resumed) == STEPS - 5
     assert max(abs(a - b) for a, b in zip(resumed, expected_losses[5:], strict=True)) < TOLERANCE

@@ -3,9 +3,9 @@
 The resolved job (`kubetune.planning.resolved.ResolvedJob`) is the only input. Checks
 here run before anything heavy is loaded:
 
-- parallel sizes the trainer does not run yet are refused (running them as plain data
-  parallel would silently change the job), and so is a layout the model cannot be split
-  into (heads or layers not divisible), read from its config before the weights load;
+- a layout the model cannot be split into (heads or layers not divisible, experts that an
+  expert-parallel size does not divide, no experts at all) is refused, read from its
+  config before the weights load;
 - the number of processes must be the layout's world size (the global batch and the
   gradient accumulation were planned for it);
 - requested integrations need their package in the trainer image.
@@ -25,6 +25,7 @@ from pydantic import ValidationError
 from kubetune.api.automodel import AutomodelSpec
 from kubetune.planning.layout import Architecture, architecture_problems
 from kubetune.planning.resolved import ResolvedJob
+from kubetune_trainer.parallel.experts import check_expert_parallel, expert_count
 
 
 class ConfigError(ValueError):
@@ -55,19 +56,6 @@ def automodel_section(job: ResolvedJob) -> AutomodelSpec:
 
 def check_supported(job: ResolvedJob, world_size: int) -> None:
     layout = job.layout
-    unsupported = [
-        f"{name} {size}"
-        for name, size in (
-            ("expert_parallel_size", layout.expert_parallel_size),
-        )
-        if size > 1
-    ]
-    if unsupported:
-        raise ConfigError(
-            f"this trainer runs data, tensor, pipeline and context parallel; the job asks for "
-            f"{', '.join(unsupported)}. Set spec.automodel.parallelism.expert_parallel_size to 1; "
-            "the job was not started"
-        )
     if world_size != layout.world_size:
         raise ConfigError(
             f"the job was planned for {layout.world_size} process(es) (num_nodes × num_gpus_per_node) but "
@@ -91,6 +79,12 @@ def check_model_split(job: ResolvedJob, config: Any) -> None:
         f"spec.automodel.parallelism.{field}: {message}"
         for field, message in architecture_problems(parallelism, architecture)
     ]
+    ep = parallelism.expert_parallel_size or 1
+    if ep > 1:
+        try:
+            check_expert_parallel(expert_count(config), ep, parallelism.tensor_parallel_size)
+        except ValueError as error:
+            problems.append(f"spec.automodel.parallelism.expert_parallel_size: {error}")
     if parallelism.tensor_parallel_size > 1 and not getattr(config, "base_model_tp_plan", None):
         problems.append(
             f"spec.automodel.parallelism.tensor_parallel_size: {type(config).__name__} has no tensor-parallel "

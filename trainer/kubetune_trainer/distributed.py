@@ -125,6 +125,29 @@ class ParallelModel:
     """What FSDP2 divides the reduced gradients by (the data × context parallel size, or 1)."""
     stage: DecoderStage | None = None
     """This rank's pipeline stage (pipeline parallel only); it is also `module`."""
+    expert_params: list[nn.Parameter] = field(default_factory=list)
+    """MoE experts sharded over "ep" (kept out of FSDP2): gradients summed over expert data parallel."""
+
+    def reduce_gradients(self, world: World) -> None:
+        """What the collectives in backward and FSDP2 leave to do after the last micro batch."""
+        from kubetune_trainer.parallel.tensor import sum_partial_gradients
+
+        sum_partial_gradients(self.partial_grad_params, world.mesh.group("tp"))
+        if not self.expert_params:
+            return
+        # An expert's gradient already holds every token of its ep group (the all-to-all's
+        # backward); sum it over the groups that replicate it, and undo the loss scale's
+        # factor for FSDP2's averaging, which experts do not go through.
+        expert_mesh = world.mesh.expert_mesh
+        edp = expert_mesh["edp"] if expert_mesh is not None and expert_mesh["edp"].size() > 1 else None
+        for param in self.expert_params:
+            grad = param.grad
+            if grad is None:
+                continue
+            local = grad.to_local() if hasattr(grad, "to_local") else grad
+            if edp is not None:
+                dist.all_reduce(local, group=edp.get_group())
+            local.div_(self.gradient_divisor)
 
     def norm_parameters(self) -> list[nn.Parameter]:
         """The trainable parameters whose gradients make up the clipped norm (each counted once)."""
@@ -135,8 +158,10 @@ class ParallelModel:
 
 def parallelize(model: nn.Module, world: World) -> ParallelModel:
     """Pipeline stage over "pp" (this rank's decoder layers), context-parallel attention over
-    "cp", tensor parallel over "tp" (the model's own plan), then FSDP2 over "dp" × "cp"."""
+    "cp", tensor parallel over "tp" (the model's own plan), MoE experts over "ep", then FSDP2
+    over "dp" × "cp" (experts excepted)."""
     from kubetune_trainer.parallel.context import ContextParallel
+    from kubetune_trainer.parallel.experts import apply_expert_parallel, expert_parameters
     from kubetune_trainer.parallel.pipeline import split_stage
     from kubetune_trainer.parallel.tensor import apply_tensor_parallel
 
@@ -151,14 +176,21 @@ def parallelize(model: nn.Module, world: World) -> ParallelModel:
     tp_mesh = mesh.submesh("tp")
     if tp_mesh is not None:
         partial = apply_tensor_parallel(model, tp_mesh)
+    experts: list[nn.Parameter] = []
+    if apply_expert_parallel(model, mesh):
+        experts = [param for _, param in expert_parameters(model)]
     fsdp_mesh = mesh.submesh("dp", "cp")
     if fsdp_mesh is None:
-        return ParallelModel(model, partial, 1, stage)
-    return ParallelModel(shard(model, fsdp_mesh, world.device), partial, fsdp_mesh.size(), stage)
+        return ParallelModel(model, partial, 1, stage, experts)
+    sharded = shard(model, fsdp_mesh, world.device, ignored=set(experts))
+    return ParallelModel(sharded, partial, fsdp_mesh.size(), stage, experts)
 
 
-def shard(model: nn.Module, mesh: DeviceMesh, device: torch.device) -> nn.Module:
-    """FSDP2 over `mesh`: one unit per decoder layer plus the root (parameters sharded on dim 0)."""
+def shard(
+    model: nn.Module, mesh: DeviceMesh, device: torch.device, ignored: set[nn.Parameter] | None = None
+) -> nn.Module:
+    """FSDP2 over `mesh`: one unit per decoder layer plus the root (parameters sharded on dim 0),
+    `ignored` parameters left as they are."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     # On GPUs compute in bf16 and reduce gradients in fp32; on CPU everything stays fp32.
@@ -171,8 +203,8 @@ def shard(model: nn.Module, mesh: DeviceMesh, device: torch.device) -> nn.Module
     if not layers:
         raise RuntimeError(f"cannot find the decoder layers of {type(model).__name__} to shard with FSDP2")
     for layer in layers:
-        fully_shard(layer, mesh=mesh, mp_policy=policy)
-    fully_shard(model, mesh=mesh, mp_policy=policy)
+        fully_shard(layer, mesh=mesh, mp_policy=policy, ignored_params=ignored)
+    fully_shard(model, mesh=mesh, mp_policy=policy, ignored_params=ignored)
     return model
 
 

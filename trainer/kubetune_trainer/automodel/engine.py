@@ -43,7 +43,6 @@ from kubetune_trainer.distributed import (
     clip_gradients,
     sum_over,
 )
-from kubetune_trainer.parallel.tensor import sum_partial_gradients
 from kubetune_trainer.progress import (
     EventKind,
     NullReporter,
@@ -300,7 +299,7 @@ class Engine:
         )
         scale = self.parallel.gradient_divisor / max(labels, 1.0)  # FSDP averages gradients; undo that
         sums = self.runner.train_step(micro_batches, scale)
-        sum_partial_gradients(self.parallel.partial_grad_params, world.mesh.group("tp"))
+        self.parallel.reduce_gradients(world)
         clip_gradients(self.parallel.norm_parameters(), MAX_GRAD_NORM, world)
         self.lr = float(self.scheduler.get_last_lr()[0])  # the rate this step used
         self.optimizer.step()

@@ -85,6 +85,19 @@ def load_causal_lm(path: str, dtype: torch.dtype = torch.float32) -> nn.Module:
     return model
 
 
+def linear_layer_names(model: nn.Module) -> list[str]:
+    """The names of every `nn.Linear` but the output head (what `target_modules: null` trains).
+
+    Not peft's "all-linear": on MoE models peft also wraps the fused 3-D expert weights,
+    which expert parallel shards.
+    """
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return sorted(
+        {name.rpartition(".")[2] for name, module in model.named_modules() if isinstance(module, nn.Linear)}
+        - {name.rpartition(".")[2] for name, module in model.named_modules() if module is head}
+    )
+
+
 def add_lora(model: nn.Module, rank: int, alpha: int, target_modules: list[str] | None) -> nn.Module:
     """Wrap with a peft LoRA adapter; null target_modules = every linear layer but the head."""
     from peft import LoraConfig, get_peft_model
@@ -93,7 +106,7 @@ def add_lora(model: nn.Module, rank: int, alpha: int, target_modules: list[str] 
         r=rank,
         lora_alpha=alpha,
         lora_dropout=0.0,
-        target_modules=target_modules if target_modules else "all-linear",
+        target_modules=target_modules if target_modules else linear_layer_names(model),
         task_type="CAUSAL_LM",
     )
     try:

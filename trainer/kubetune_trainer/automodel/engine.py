@@ -36,11 +36,14 @@ from kubetune_trainer.data import DataTooSmall, Splits
 from kubetune_trainer.distributed import (
     ParallelModel,
     World,
+    all_max,
     all_sum,
     any_rank,
     barrier,
     broadcast_int,
     clip_gradients,
+    peak_memory_bytes,
+    state_bytes,
     sum_over,
 )
 from kubetune_trainer.progress import (
@@ -137,6 +140,9 @@ class TrainResult:
     """Time in optimizer steps only (no validation, checkpoints), this attempt."""
     step_tokens: int = 0
     """Tokens trained on in this attempt (all ranks)."""
+    memory: dict[str, float] = field(default_factory=dict)
+    """Largest rank's memory in GiB: "peak" (CUDA allocator, or the process's RSS on CPU) and
+    "states" (its weights, gradients and optimizer states as allocated)."""
 
     @property
     def tokens_per_second(self) -> float | None:
@@ -368,7 +374,14 @@ class Engine:
             self.history,
             step_seconds,
             step_tokens,
+            self.memory_use(),
         )
+
+    def memory_use(self) -> dict[str, float]:
+        """What the largest rank used (for the memory pre-flight's benchmark)."""
+        states = state_bytes(self.model, self.optimizer)
+        peak, states = all_max(self.ctx.world, [peak_memory_bytes(self.ctx.world.device), float(states)])
+        return {"peak": peak / 2**30, "states": states / 2**30}
 
     def describe(self) -> str:
         section, plan, layout = self.ctx.section, self.plan, self.ctx.job.layout
@@ -431,6 +444,7 @@ def save_output(
                 "tokens": result.tokens,
                 "train_seconds": round(result.seconds, 3),
                 "tokens_per_second": round(result.tokens_per_second or 0.0, 1),
+                **{f"{key}_memory_gib_per_rank": round(value, 4) for key, value in result.memory.items()},
             },
             **(extra or {}),
         }

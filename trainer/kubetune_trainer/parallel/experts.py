@@ -20,7 +20,9 @@ the block after its router. Expert parallel swaps that module for `ExpertParalle
 Gradients: expert parameters see every token of their ep group, so they are reduced over
 the expert-data-parallel group only (`ParallelMesh.expert_mesh["edp"]`); all other
 parameters see this rank's tokens and are reduced over dp × cp as usual.
-`expert_parameter_names` tells them apart.
+`expert_parameter_names` tells them apart, and `clip_grad_norm` counts every expert shard
+once in the global gradient norm (torch's `clip_grad_norm_` refuses DTensors on several meshes
+next to plain tensors).
 
 The Switch-Transformer load-balancing loss the models add when `output_router_logits` is on
 is a product of batch means, so a rank's own tokens do not give the whole batch's value;

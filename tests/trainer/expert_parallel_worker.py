@@ -24,10 +24,10 @@ import torch.distributed as dist
 from torch import nn
 
 from kubetune_trainer.data import IGNORE_INDEX
+from kubetune_trainer.distributed import clip_gradients
 from kubetune_trainer.losses import cross_entropy_sum
 from kubetune_trainer.parallel.experts import (
     apply_expert_parallel,
-    clip_grad_norm,
     expert_count,
     expert_parameter_names,
     load_balancing_loss,
@@ -147,7 +147,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         losses.append(float(value))
         if group is None:  # plain tensors only: torch's own norm is the reference
             expected = torch.nn.utils.get_total_norm([p.grad for _, p in trainable if p.grad is not None])
-        norm = clip_grad_norm([p for _, p in trainable], MAX_GRAD_NORM)  # clips: the norms start above 1
+        norm = clip_gradients([p for _, p in trainable], MAX_GRAD_NORM)  # clips: the norms start above 1
         if group is None:
             assert torch.allclose(norm, expected, rtol=1e-6), (norm, expected)
         norms.append(float(norm))

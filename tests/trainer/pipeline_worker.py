@@ -25,10 +25,11 @@ from torch import nn
 
 from kubetune_trainer.batching import Batch, as_sequences, collate
 from kubetune_trainer.data import Row, parse_rows, tokenize
+from kubetune_trainer.distributed import clip_gradients
 from kubetune_trainer.losses import cross_entropy_sum, shift_labels
 from kubetune_trainer.models import add_lora, load_causal_lm, pad_id
 from kubetune_trainer.parallel.mesh import ParallelDims, build_mesh
-from kubetune_trainer.parallel.pipeline import PipelineRunner, clip_grad_norm, split_stage
+from kubetune_trainer.parallel.pipeline import PipelineRunner, split_stage
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "fixtures"))
 import tiny_models
@@ -133,7 +134,8 @@ def run_pipeline(
         labels = sum(b.num_label_tokens for b in micro_batches)
         mine = micro_batches[mesh.data_rank * per_rank :][:per_rank]
         sums = runner.train_step(mine, dp / labels)  # FSDP averages gradients over dp: undo that
-        clip_grad_norm(stage, MAX_NORM, group)
+        trainable = [p for p in stage.parameters() if p.requires_grad]
+        clip_gradients(trainable, MAX_NORM, group, stage.norm_parameters())
         opt.step()
         opt.zero_grad(set_to_none=True)
         totals = torch.tensor([sums.loss, sums.extras["tokens"]], dtype=torch.float64)

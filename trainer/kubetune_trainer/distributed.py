@@ -185,11 +185,11 @@ class ParallelModel:
                 dist.all_reduce(local, group=edp.get_group())
             local.div_(self.gradient_divisor)
 
-    def norm_parameters(self) -> list[nn.Parameter]:
-        """The trainable parameters whose gradients make up the clipped norm (each counted once)."""
-        if self.stage is not None:
-            return self.stage.norm_parameters()
-        return [p for p in self.module.parameters() if p.requires_grad]
+    def clip_gradients(self, max_norm: float, world: World) -> float:
+        """Clip the gradients of every rank's parameters by their global norm (see `clip_gradients`)."""
+        trainable = [p for p in self.module.parameters() if p.requires_grad]
+        counted = self.stage.norm_parameters() if self.stage is not None else None
+        return clip_gradients(trainable, max_norm, world.mesh.group("pp"), counted)
 
 
 def parallelize(model: nn.Module, world: World) -> ParallelModel:
@@ -250,30 +250,41 @@ def sum_over(world: World, values: list[float], *dims: Dim) -> list[float]:
     return list(values) if group is None else all_sum(world, values, group)
 
 
-def clip_gradients(params: list[nn.Parameter], max_norm: float, world: World) -> float:
-    """Clip the global gradient norm of parameters that may be DTensors on different meshes.
+def clip_gradients(
+    params: list[nn.Parameter],
+    max_norm: float,
+    stages: dist.ProcessGroup | None = None,
+    counted: list[nn.Parameter] | None = None,
+) -> float:
+    """Clip the global gradient norm of parameters that may be DTensors on different meshes;
+    returns the norm before clipping.
 
-    torch's `clip_grad_norm_` needs all gradients on one mesh; here TP-split, FSDP-sharded
-    and replicated parameters mix, and pipeline stages hold different parameters.
+    torch's `clip_grad_norm_` needs all gradients on one mesh; here TP-split, FSDP-sharded,
+    expert-sharded and replicated parameters mix. Pipeline stages hold different parameters:
+    their squared norms are summed over `stages` (the pp group). `counted` (default: all of
+    `params`) are the ones in the norm — a tied embedding's second copy on the last stage is
+    scaled but not counted twice.
     """
-    grads = [p.grad for p in params if p.grad is not None]
+    grads = [p.grad for p in (params if counted is None else counted) if p.grad is not None]
     # One norm per (mesh, placements) group: one collective per group, not per parameter.
     groups: dict[object, list[torch.Tensor]] = {}
     for grad in grads:
         spec = getattr(grad, "_spec", None)
         key = (id(spec.mesh), spec.placements) if spec is not None else None
         groups.setdefault(key, []).append(grad.detach())
-    total = 0.0
+    squares = torch.zeros((), dtype=torch.float64)
     for members in groups.values():
         group_norm = torch.nn.utils.get_total_norm(members, norm_type=2.0)
         full = getattr(group_norm, "full_tensor", None)
-        total += float(full() if full is not None else group_norm) ** 2
-    squared = sum_over(world, [total], "pp")[0]
-    norm = math.sqrt(squared)
+        squares += float(full() if full is not None else group_norm) ** 2
+    if stages is not None:
+        dist.all_reduce(squares, group=stages)
+    norm = math.sqrt(float(squares))
     coefficient = max_norm / (norm + 1e-6)
     if coefficient < 1.0:
-        for grad in grads:
-            grad.detach().mul_(coefficient)
+        for param in params:
+            if param.grad is not None:
+                param.grad.detach().mul_(coefficient)
     return norm
 
 

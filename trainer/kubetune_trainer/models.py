@@ -91,7 +91,8 @@ def linear_layer_names(model: nn.Module) -> list[str]:
     Not peft's "all-linear": on MoE models peft also wraps the fused 3-D expert weights,
     which expert parallel shards.
     """
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    output_embeddings: Any = getattr(model, "get_output_embeddings", None)
+    head = output_embeddings() if callable(output_embeddings) else None
     return sorted(
         {name.rpartition(".")[2] for name, module in model.named_modules() if isinstance(module, nn.Linear)}
         - {name.rpartition(".")[2] for name, module in model.named_modules() if module is head}

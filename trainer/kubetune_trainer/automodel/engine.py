@@ -41,7 +41,6 @@ from kubetune_trainer.distributed import (
     any_rank,
     barrier,
     broadcast_int,
-    clip_gradients,
     peak_memory_bytes,
     state_bytes,
     sum_over,
@@ -306,7 +305,7 @@ class Engine:
         scale = self.parallel.gradient_divisor / max(labels, 1.0)  # FSDP averages gradients; undo that
         sums = self.runner.train_step(micro_batches, scale)
         self.parallel.reduce_gradients(world)
-        clip_gradients(self.parallel.norm_parameters(), MAX_GRAD_NORM, world)
+        self.parallel.clip_gradients(MAX_GRAD_NORM, world)
         self.lr = float(self.scheduler.get_last_lr()[0])  # the rate this step used
         self.optimizer.step()
         self.scheduler.step()
@@ -379,8 +378,8 @@ class Engine:
 
     def memory_use(self) -> dict[str, float]:
         """What the largest rank used (for the memory pre-flight's benchmark)."""
-        states = state_bytes(self.model, self.optimizer)
-        peak, states = all_max(self.ctx.world, [peak_memory_bytes(self.ctx.world.device), float(states)])
+        held = float(state_bytes(self.model, self.optimizer))
+        peak, states = all_max(self.ctx.world, [peak_memory_bytes(self.ctx.world.device), held])
         return {"peak": peak / 2**30, "states": states / 2**30}
 
     def describe(self) -> str:

@@ -20,9 +20,9 @@ the block after its router. Expert parallel swaps that module for `ExpertParalle
 Gradients: expert parameters see every token of their ep group, so they are reduced over
 the expert-data-parallel group only (`ParallelMesh.expert_mesh["edp"]`); all other
 parameters see this rank's tokens and are reduced over dp × cp as usual.
-`expert_parameter_names` tells them apart, and `clip_grad_norm` counts every expert shard
-once in the global gradient norm (torch's `clip_grad_norm_` refuses DTensors on several meshes
-next to plain tensors).
+`expert_parameter_names` tells them apart; `distributed.clip_gradients` counts every expert
+shard once in the global gradient norm (torch's `clip_grad_norm_` refuses DTensors on
+several meshes next to plain tensors).
 
 The Switch-Transformer load-balancing loss the models add when `output_router_logits` is on
 is a product of batch means, so a rank's own tokens do not give the whole batch's value;
@@ -31,7 +31,7 @@ is a product of batch means, so a rank's own tokens do not give the whole batch'
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -273,41 +273,3 @@ def load_balancing_loss(
         assignments, rows = totals[:num_experts], totals[num_experts]
         probabilities = probabilities + (totals[num_experts + 1 :] - local[num_experts + 1 :])
     return torch.sum((assignments / rows) * (probabilities / rows)) * num_experts
-
-
-def clip_grad_norm(parameters: Iterable[torch.Tensor], max_norm: float) -> torch.Tensor:
-    """`torch.nn.utils.clip_grad_norm_` for a mix of plain tensors and DTensors on different meshes.
-
-    torch's version refuses to mix them (expert shards on the ep mesh next to replicated or
-    FSDP-sharded parameters). Here a plain tensor's gradient counts once (it is the same on
-    every rank after the data-parallel reduction), a DTensor's squared norm is summed over
-    the mesh dimensions it is sharded on. Returns the total norm (same on every rank).
-    """
-    from torch import distributed as dist
-    from torch.distributed.tensor import DTensor, Partial, Shard
-
-    grads = [p.grad for p in parameters if p.grad is not None]
-    if not grads:
-        return torch.zeros(())
-    total = torch.zeros((), dtype=torch.float32, device=grads[0].device)
-    # Squared norms of shards, per tuple of groups to sum them over: one all-reduce per tuple.
-    sharded: dict[tuple[ProcessGroup, ...], torch.Tensor] = {}
-    for grad in grads:
-        if not isinstance(grad, DTensor):
-            total += grad.detach().float().pow(2).sum()
-            continue
-        if any(isinstance(p, Partial) for p in grad.placements):
-            raise ValueError("clip_grad_norm needs reduced gradients; this one is still Partial")
-        groups = tuple(grad.device_mesh.get_group(d) for d, p in enumerate(grad.placements) if isinstance(p, Shard))
-        square = grad.to_local().detach().float().pow(2).sum()
-        sharded[groups] = sharded[groups] + square if groups in sharded else square
-    for groups, square in sharded.items():  # same order on every rank: the parameters' order
-        for group in groups:
-            dist.all_reduce(square, group=group)
-        total += square
-    norm = total.sqrt()
-    scale = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
-    for grad in grads:
-        local = grad.to_local() if isinstance(grad, DTensor) else grad
-        local.detach().mul_(scale.to(local.dtype))
-    return norm

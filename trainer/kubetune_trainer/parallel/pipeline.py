@@ -24,7 +24,8 @@ and evaluation batches also to `micro_batch_size` rows (label-free copies of a r
 Gradients: the caller's loss is a sum over label tokens, multiplied by the caller's `scale`
 before backward; the schedule's own division by the number of micro batches is off. Each
 stage only holds its own parameters, so gradient-norm clipping must see all stages:
-`clip_grad_norm` reduces the norm over the pipeline group. A trained tied embedding (LM head
+`distributed.clip_gradients` sums the squared norms over the pipeline group
+(`DecoderStage.norm_parameters` counts a tied copy once). A trained tied embedding (LM head
 = input embeddings, e.g. SmolLM2, Qwen3-0.6B) lives on the first stage as the embedding and
 on the last as the head; the runner adds their gradients after each step, so both copies
 take the same optimizer update and stay equal, as the one shared weight in a single process.
@@ -32,7 +33,6 @@ take the same optimizer update and stay equal, as the one shared weight in a sin
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
@@ -454,37 +454,3 @@ class PipelineRunner:
         self.stage.eval()
         self.eval_schedule.eval(**self._inputs([padded]))
         return self._sum(1).loss
-
-
-# --------------------------------------------------------------------------- gradients
-
-
-def clip_grad_norm(stage: DecoderStage, max_norm: float, group: ProcessGroup | None) -> float:
-    """Clip the gradients of all pipeline stages together; returns the total norm before clipping.
-
-    Each stage holds different parameters, so the squared norms are summed over the pipeline
-    group before the common clipping factor is applied (DTensor gradients, from FSDP2 or TP,
-    count with their full size; a tied embedding counts once), as `clip_grad_norm_` does for
-    the whole model in one process.
-    """
-    import torch.distributed as dist
-    from torch.distributed.tensor import DTensor
-
-    device = next(stage.parameters()).device
-    squares = torch.zeros((), dtype=torch.float64, device=device)
-    for param in stage.norm_parameters():
-        if param.grad is None:
-            continue
-        norm = torch.linalg.vector_norm(param.grad, dtype=torch.float32)
-        if isinstance(norm, DTensor):
-            norm = norm.full_tensor()
-        squares += norm.detach().to(torch.float64) ** 2
-    if group is not None:
-        dist.all_reduce(squares, group=group)
-    total = math.sqrt(float(squares))
-    factor = max_norm / (total + 1e-6)
-    if factor < 1.0:
-        for param in stage.parameters():
-            if param.requires_grad and param.grad is not None:
-                param.grad.mul_(factor)
-    return total

@@ -45,10 +45,11 @@ class Operator:
 
 def manifest_of(body: Mapping[str, Any]) -> dict[str, Any]:
     """The parts of a kopf body that validation reads (plain dicts, no kopf views)."""
+    meta = body.get("metadata") or {}
     return {
         "apiVersion": body.get("apiVersion"),
         "kind": body.get("kind"),
-        "metadata": {"name": body["metadata"]["name"], "namespace": body["metadata"].get("namespace", "default")},
+        "metadata": {"name": meta.get("name"), "namespace": meta.get("namespace") or "default"},
         "spec": _plain(body.get("spec")),
     }
 

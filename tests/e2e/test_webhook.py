@@ -67,3 +67,16 @@ def test_webhook_warns_about_missing_references(
     code, output = _apply(control_plane, namespace, automodel_job("early"))
     assert code == 0, output
     assert "Warning: spec.automodel.model: Model " + namespace + "/base was not found" in output
+
+
+def test_webhook_refuses_a_job_on_a_host_path_not_allowed(
+    control_plane: ControlPlane, webhook_operator: OperatorProcess, namespace: str
+) -> None:
+    node_root = {**model("base"), "spec": {"source": {"hostPath": {"path": "/"}}}}
+    for obj in (node_root, fileset("train")):
+        assert _apply(control_plane, namespace, obj)[0] == 0
+    code, output = _apply(control_plane, namespace, automodel_job("rooted"))
+    assert code != 0, output
+    assert "spec.automodel.model: Model " + namespace + "/base is invalid" in output
+    assert "allowedHostPaths" in output
+    assert get_json(control_plane, "ctj", "rooted", "-n", namespace) is None

@@ -66,7 +66,6 @@ class Webhook:
         self.registry = kopf.OperatorRegistry()
         register(self.registry, self.config)
         self.loop = asyncio.new_event_loop()
-        self.memories = ResourceMemories()
         self.insights = references.Insights(webhook_resources={JOBS})
         self.indices = OperatorIndexers().indices
 
@@ -75,7 +74,9 @@ class Webhook:
         response = serve_admission_request(
             cast(Any, request),
             settings=kopf.OperatorSettings(),
-            memories=self.memories,
+            # kopf keeps a memo per object uid (copied from memobase once): a fresh store per
+            # review, or a later review would see the first review's objects.
+            memories=ResourceMemories(),
             memobase=memo,
             registry=self.registry,
             insights=self.insights,
@@ -151,3 +152,14 @@ def test_a_refusal_names_the_field(webhook: Webhook) -> None:
     assert answer["allowed"] is False
     assert answer["status"]["code"] == 422
     assert "spec.automodel.training.finetuning_type: must be one of" in answer["status"]["message"]
+
+
+def test_a_job_on_a_host_path_outside_allowed_host_paths_is_refused(webhook: Webhook) -> None:
+    job = EXAMPLE_JOBS[0]  # names Model qwen3-1-7b in team-a
+    model = next(o for o in EXAMPLE_OBJECTS if o["metadata"]["name"] == job["spec"]["automodel"]["model"])
+    on_node = {**model, "spec": {**model["spec"], "source": {"hostPath": {"path": "/var/lib/kubelet"}}}}
+    kube = ObjectsKube([*EXAMPLE_OBJECTS, on_node])
+    answer = webhook.review(kube, _request(job, None))["response"]
+    assert answer["allowed"] is False and answer["status"]["code"] == 422
+    assert "spec.automodel.model: Model team-a/qwen3-1-7b is invalid" in answer["status"]["message"]
+    assert "allowedHostPaths" in answer["status"]["message"]

@@ -330,16 +330,24 @@ def test_service_monitor_selects_the_metrics_service() -> None:
 def test_webhook_configuration(variant: str, tmp_path: Path) -> None:
     objects = template(VARIANTS[variant])
     config = find(objects, "ValidatingWebhookConfiguration")
-    (hook,) = config["webhooks"]
-    assert hook["rules"] == [
-        {
-            "apiGroups": ["kubetune.io"],
-            "apiVersions": ["v1alpha1"],
-            "operations": ["CREATE", "UPDATE"],
-            "resources": ["customizationjobs"],
-            "scope": "Namespaced",
-        }
-    ]
+    hooks = {hook["rules"][0]["resources"][0]: hook for hook in config["webhooks"]}
+    # Jobs get the whole validator; Models and FileSets the hostPath rule. kopf serves each
+    # handler at /<handler id> (operator/kubetune/handlers/operator.py).
+    paths = {resource: hook["clientConfig"]["service"]["path"] for resource, hook in hooks.items()}
+    assert paths == {"customizationjobs": "/validate", "models": "/validate-model", "filesets": "/validate-fileset"}
+    for resource, other in hooks.items():
+        assert other["rules"] == [
+            {
+                "apiGroups": ["kubetune.io"],
+                "apiVersions": ["v1alpha1"],
+                "operations": ["CREATE", "UPDATE"],
+                "resources": [resource],
+                "scope": "Namespaced",
+            }
+        ]
+        assert other["clientConfig"]["service"]["name"] == hooks["customizationjobs"]["clientConfig"]["service"]["name"]
+        assert other.get("namespaceSelector") == hooks["customizationjobs"].get("namespaceSelector")
+    hook = hooks["customizationjobs"]
     service = find(objects, "Service", hook["clientConfig"]["service"]["name"])
     assert hook["clientConfig"]["service"]["namespace"] == service["metadata"]["namespace"]
     deployment = find(objects, "Deployment")

@@ -62,10 +62,16 @@ def dotted(loc: Sequence[int | str], prefix: str = "") -> str:
         if isinstance(part, int):
             path += f"[{part}]"
         elif not _PLAIN_KEY.fullmatch(part):
-            path += f"[{json.dumps(part, ensure_ascii=False)}]"
+            path += f"[{quoted(part)}]"
         else:
             path = f"{path}.{part}" if path else part
     return path
+
+
+def quoted(key: str) -> str:
+    """A key in double quotes, with quotes, backslashes and unprintable characters (line
+    breaks of any kind) escaped as JSON does; other unicode is kept readable."""
+    return '"' + "".join(ch if ch.isprintable() and ch not in '"\\' else json.dumps(ch)[1:-1] for ch in key) + '"'
 
 
 def describe(error: ErrorDetails, section_path: str, siblings: list[str]) -> str:
@@ -73,7 +79,7 @@ def describe(error: ErrorDetails, section_path: str, siblings: list[str]) -> str
     kind, value, ctx = error["type"], error.get("input"), error.get("ctx") or {}
     if kind == "extra_forbidden":
         raw_key = str(error["loc"][-1]) if error["loc"] else ""
-        key = raw_key if _PLAIN_KEY.fullmatch(raw_key) else json.dumps(raw_key, ensure_ascii=False)
+        key = raw_key if _PLAIN_KEY.fullmatch(raw_key) else quoted(raw_key)
         backend, _, within = section_path.partition(".")
         return unknown_field_message(backend or None, within, key, siblings)
     if kind == "missing":

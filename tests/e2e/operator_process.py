@@ -74,6 +74,8 @@ class OperatorProcess:
             "KUBETUNE_REFERENCE_RETRY_SECONDS": "3",
             # A SIGKILLed replica's peering record blocks its successor for this long.
             "KUBETUNE_PEERING_LIFETIME": "8",
+            # The tests' Models live under /models on the (absent) node; nothing else is allowed.
+            "KUBETUNE_ALLOWED_HOST_PATHS": "/models",
             **self.extra_env,
         }
         kubetune = Path(sys.executable).parent / "kubetune"

@@ -14,8 +14,10 @@ from kubetune.api.automodel import AutomodelSpec
 from kubetune.api.common import (
     MAX_LIST_ITEMS,
     MAX_NAME_LENGTH,
+    MAX_SUBDOMAIN_LENGTH,
     MAX_TEXT_LENGTH,
     DnsLabel,
+    DnsSubdomain,
     Reference,
     Section,
 )
@@ -38,7 +40,7 @@ Quantity = Annotated[
 
 
 class PvcSource(Section):
-    claimName: DnsLabel = Field(description="PersistentVolumeClaim holding the files, in the object's namespace.")
+    claimName: DnsSubdomain = Field(description="PersistentVolumeClaim holding the files, in the object's namespace.")
     path: Path = Field("/", description="Folder (or file) inside the claim.")
 
 
@@ -122,7 +124,7 @@ class Scheduling(Section):
 
 
 class Storage(Section):
-    claimName: DnsLabel | None = Field(
+    claimName: DnsSubdomain | None = Field(
         None,
         description="Existing PersistentVolumeClaim for checkpoints and the result; the job writes under "
         "a folder named after itself. Without it the operator creates a claim of `size`.",
@@ -189,7 +191,7 @@ class ProgressStatus(StatusModel):
 
 
 class OutputStatus(StatusModel):
-    name: str = Field(max_length=MAX_NAME_LENGTH)
+    name: str = Field(max_length=MAX_SUBDOMAIN_LENGTH)
     type: Literal["adapter", "model"]
     path: str | None = Field(None, max_length=MAX_TEXT_LENGTH)
 

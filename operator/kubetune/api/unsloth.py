@@ -11,7 +11,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, PlainValidator, StringConstraints, WithJsonSchema, model_validator
 
-from kubetune.api.common import MAX_LIST_ITEMS, MAX_TEXT_LENGTH, DnsLabel, GpuList, Reference, Section
+from kubetune.api.common import MAX_LIST_ITEMS, MAX_TEXT_LENGTH, DnsSubdomain, GpuList, Reference, Section
 from kubetune.api.integrations import Integrations
 
 UnslothTrainingType = Literal["sft"]
@@ -139,7 +139,9 @@ class UnslothHardware(Section):
 
 
 class UnslothOutput(Section):
-    name: DnsLabel | None = Field(None, description="Name of the Model the job creates; generated from the job name.")
+    name: DnsSubdomain | None = Field(
+        None, description="Name of the Model the job creates; generated from the job name."
+    )
     description: str | None = Field(None, max_length=MAX_TEXT_LENGTH, description="Description of the output Model.")
     save_method: SaveMethod = Field(
         "lora",

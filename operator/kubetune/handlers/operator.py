@@ -6,7 +6,8 @@
 - Model / FileSet added -> nudge the jobs that wait for it.
 - CustomizationJob deleted -> record `Cancelled` (kopf's finalizer holds the deletion until
   then); the children go by garbage collection (owner references).
-- Optional validating webhook: the same validator at admission.
+- Optional validating webhook: the same validator at admission, and the hostPath rule of
+  Models and FileSets (allowedHostPaths).
 """
 
 from __future__ import annotations
@@ -34,7 +35,9 @@ from kubetune.handlers.reconcile import (
 )
 from kubetune.handlers.settings import OperatorSettings, settings_from_env
 from kubetune.planning.lifecycle import condition, merge_conditions
+from kubetune.planning.references import cluster_source_problem
 from kubetune.planning.rules import IMMUTABLE_MESSAGE, backend_changed
+from kubetune.planning.validation import validate_fileset, validate_model
 
 log = logging.getLogger(__name__)
 
@@ -127,13 +130,27 @@ def register(registry: kopf.OperatorRegistry, config: OperatorSettings) -> None:
             if old and old.get("spec") and backend_changed(old.get("spec"), body.get("spec")):
                 raise kopf.AdmissionError(IMMUTABLE_MESSAGE, code=422)
             op = _op(memo)
-            report, _ = validate_with_references(op.kube, manifest_of(body), op.settings.gpu_memory_gib)
+            report, _ = validate_with_references(
+                op.kube, manifest_of(body), op.settings.gpu_memory_gib, op.settings.allowed_host_paths
+            )
             if not report.valid:
                 metrics.VALIDATION_FAILURES.labels(reason=report.errors[0].reason).inc()
                 raise kopf.AdmissionError("\n".join(f"{e.path}: {e.message}" for e in report.errors), code=422)
             warnings.extend(f"{w.path}: {w.message}" for w in report.warnings)
 
         kopf.on.validate(*JOBS, registry=registry, id="validate")(admit)
+
+        def admit_source(body: kopf.Body, **_: Any) -> None:
+            # A hostPath the operator would refuse at reconcile is refused here already: at
+            # `kubectl apply` of the Model or FileSet, not later at the job that names it.
+            validate = validate_model if body.get("kind") == "Model" else validate_fileset
+            parsed, _errors = validate(body.get("spec"))  # schema errors are the CRD's to report
+            problem = cluster_source_problem(parsed.source, config.allowed_host_paths) if parsed else None
+            if problem:
+                raise kopf.AdmissionError(problem, code=422)
+
+        for plural, handler_id in (("models", "validate-model"), ("filesets", "validate-fileset")):
+            kopf.on.validate(API_GROUP, API_VERSION, plural, registry=registry, id=handler_id)(admit_source)
 
     def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
         load_config()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -45,10 +45,11 @@ class Operator:
 
 def manifest_of(body: Mapping[str, Any]) -> dict[str, Any]:
     """The parts of a kopf body that validation reads (plain dicts, no kopf views)."""
+    meta = body.get("metadata") or {}
     return {
         "apiVersion": body.get("apiVersion"),
         "kind": body.get("kind"),
-        "metadata": {"name": body["metadata"]["name"], "namespace": body["metadata"].get("namespace", "default")},
+        "metadata": {"name": meta.get("name"), "namespace": meta.get("namespace") or "default"},
         "spec": _plain(body.get("spec")),
     }
 
@@ -61,7 +62,7 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def catalog_for(kube: Kube, report: JobReport) -> Catalog:
+def catalog_for(kube: Kube, report: JobReport, allowed_host_paths: Sequence[str] = ()) -> Catalog:
     """The Models and FileSets a (schema-valid) job names, read from the API server."""
     catalog = Catalog(authoritative=True)
     section = report.section
@@ -72,7 +73,7 @@ def catalog_for(kube: Kube, report: JobReport) -> Catalog:
         if obj is None:
             continue
         parsed, errors = (validate_model if ref.kind == "Model" else validate_fileset)(obj.get("spec"))
-        problem = cluster_source_problem(parsed.source) if parsed is not None else None
+        problem = cluster_source_problem(parsed.source, allowed_host_paths) if parsed is not None else None
         if parsed is None or problem:
             catalog.invalid[ref.key] = problem or (f"{errors[0].path}: {errors[0].message}" if errors else "invalid")
         elif ref.kind == "Model":
@@ -83,7 +84,7 @@ def catalog_for(kube: Kube, report: JobReport) -> Catalog:
 
 
 def validate_with_references(
-    kube: Kube, manifest: Mapping[str, Any], gpu_memory_gib: float | None = None
+    kube: Kube, manifest: Mapping[str, Any], gpu_memory_gib: float | None = None, allowed_host_paths: Sequence[str] = ()
 ) -> tuple[JobReport, dict[str, Any] | None]:
     """The full validation: schema, rules, references, and the memory pre-flight.
 
@@ -93,7 +94,7 @@ def validate_with_references(
     report = validate_job(manifest)
     if not report.valid:
         return report, None
-    report = validate_job(manifest, catalog_for(kube, report))
+    report = validate_job(manifest, catalog_for(kube, report, allowed_host_paths))
     section = report.section
     if not report.valid or section is None or report.layout is None or report.references is None:
         return report, None
@@ -116,7 +117,9 @@ def launch(op: Operator, body: Mapping[str, Any]) -> dict[str, Any]:
     status = dict(body.get("status") or {})
     if status.get("phase") in TERMINAL_PHASES:
         return {}  # a finished job is never relaunched
-    report, memory = validate_with_references(op.kube, manifest_of(body), op.settings.gpu_memory_gib)
+    report, memory = validate_with_references(
+        op.kube, manifest_of(body), op.settings.gpu_memory_gib, op.settings.allowed_host_paths
+    )
     conditions = status.get("conditions")
     if not report.valid:
         reason = report.errors[0].reason

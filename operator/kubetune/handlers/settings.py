@@ -51,6 +51,11 @@ class OperatorSettings:
     a standby replica takes over at most this long after the active one dies (kopf's default)."""
     verbose: bool = False
     """Log every handler call (KUBETUNE_VERBOSE=true)."""
+    allowed_host_paths: tuple[str, ...] = ()
+    """Node path prefixes Models and FileSets may mount with a hostPath source (Helm value
+    allowedHostPaths; KUBETUNE_ALLOWED_HOST_PATHS, comma-separated absolute paths). Empty by
+    default: a hostPath gives the trainer pod the node's own files, which Pod Security would
+    refuse the Model's author."""
 
 
 def _int(env: Mapping[str, str], name: str, default: int) -> int:
@@ -103,6 +108,14 @@ def _resources(env: Mapping[str, str], name: str) -> dict[str, dict[str, str]]:
     return resources
 
 
+def _absolute_paths(env: Mapping[str, str], name: str) -> tuple[str, ...]:
+    paths = tuple(path.strip() for path in env.get(name, "").split(",") if path.strip())
+    relative = [path for path in paths if not path.startswith("/")]
+    if relative:
+        raise SettingsError(f"{name}: {', '.join(relative)} is not an absolute path")
+    return paths
+
+
 def settings_from_env(env: Mapping[str, str] | None = None) -> OperatorSettings:
     env = os.environ if env is None else env
     defaults = TrainerSettings()
@@ -133,4 +146,5 @@ def settings_from_env(env: Mapping[str, str] | None = None) -> OperatorSettings:
         peering=env.get("KUBETUNE_PEERING", "kubetune"),
         peering_lifetime_seconds=_int(env, "KUBETUNE_PEERING_LIFETIME", 60),
         verbose=_bool(env, "KUBETUNE_VERBOSE", False),
+        allowed_host_paths=_absolute_paths(env, "KUBETUNE_ALLOWED_HOST_PATHS"),
     )

@@ -16,6 +16,7 @@ from kubetune.api.automodel import LORA_FINETUNING_TYPES, AutomodelSpec
 from kubetune.api.common import GROUP_VERSION
 from kubetune.api.resources import Backend
 from kubetune.api.unsloth import UnslothSpec
+from kubetune.planning.names import default_output_name
 
 OutputType = Literal["adapter", "model"]
 
@@ -93,9 +94,9 @@ def output_type(section: AutomodelSpec | UnslothSpec) -> OutputType:
 
 
 def output_name(section: AutomodelSpec | UnslothSpec, job_name: str) -> str:
-    """The output Model's name: the one the job gives, else `<job>-output` (a valid DNS label)."""
+    """The output Model's name: the one the job gives, else `<job>-output`."""
     given = section.output.name if section.output is not None else None
-    return given or f"{job_name[:56].rstrip('-')}-output"
+    return given or default_output_name(job_name)
 
 
 def base_model_reference(section: AutomodelSpec | UnslothSpec) -> str:

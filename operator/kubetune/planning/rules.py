@@ -12,7 +12,7 @@ Rules that need other objects (references, tokenizers, experts) are in `referenc
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
@@ -332,9 +332,11 @@ IMMUTABLE_MESSAGE = (
 CEL transition rule on each backend section and the webhook compares old and new."""
 
 
-def backend_changed(old_spec: dict[str, object] | None, new_spec: dict[str, object] | None) -> bool:
-    old_spec, new_spec = old_spec or {}, new_spec or {}
-    return any(old_spec.get(backend) != new_spec.get(backend) for backend in ("automodel", "unsloth"))
+def backend_changed(old_spec: object, new_spec: object) -> bool:
+    # Either may be anything a client sent (a list, a string): only a mapping has sections.
+    old = old_spec if isinstance(old_spec, Mapping) else {}
+    new = new_spec if isinstance(new_spec, Mapping) else {}
+    return any(old.get(backend) != new.get(backend) for backend in ("automodel", "unsloth"))
 
 
 def rules_for(kind: Kind) -> tuple[Rule, ...]:

@@ -22,6 +22,7 @@ from kubetune.api.common import GROUP_VERSION
 from kubetune.api.resources import CustomizationJobSpec, Source
 from kubetune.api.unsloth import UnslothSpec
 from kubetune.planning.layout import Layout
+from kubetune.planning.names import ChildNames as ChildNames  # the handlers find children by these
 from kubetune.planning.resolved import (
     MOUNT_CONFIG,
     MOUNT_MODEL,
@@ -67,37 +68,6 @@ class JobInput:
     layout: Layout
     sources: dict[str, Source] = field(default_factory=dict)
     """Source of each resolved reference by role: model, teacher, training, validation."""
-
-
-@dataclass(frozen=True)
-class ChildNames:
-    """Deterministic names of a job's children (job names are DNS labels of at most 63)."""
-
-    job: str
-
-    def _name(self, suffix: str) -> str:
-        return f"{self.job[: 63 - len(suffix) - 1].rstrip('-')}-{suffix}"
-
-    @property
-    def config_map(self) -> str:
-        return self._name("config")
-
-    @property
-    def service_account(self) -> str:
-        return self._name("trainer")
-
-    @property
-    def role(self) -> str:
-        return self._name("progress")
-
-    @property
-    def output_claim(self) -> str:
-        return self._name("output")
-
-    @property
-    def workload(self) -> str:
-        """The PyTorchJob or Job; pods are named after it."""
-        return self._name("train")
 
 
 # --------------------------------------------------------------------------- mounts

@@ -7,7 +7,6 @@ downloaded into the cache (`HF_HOME`) only when the hub is reachable.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -48,11 +47,12 @@ def quiet_transformers() -> None:
     logging.disable_progress_bar()  # type: ignore[no-untyped-call]
 
 
-def load_tokenizer(path: str) -> Any:
+def load_tokenizer(path: str, trust_remote_code: bool = False) -> Any:
+    """The model's tokenizer; `trust_remote_code` must match the model's load (a custom tokenizer class)."""
     from transformers import AutoTokenizer
 
     quiet_transformers()
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
     if tokenizer.eos_token_id is None:
         raise ModelError(f"the tokenizer in {path} has no EOS token; training needs one so generation stops")
     return tokenizer
@@ -67,12 +67,11 @@ def pad_id(tokenizer: Any) -> int:
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def load_causal_lm(path: str, dtype: torch.dtype = torch.float32) -> nn.Module:
+def load_causal_lm(path: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
-    trust = os.environ.get("KUBETUNE_TRUST_REMOTE_CODE") == "1"
     model: nn.Module = AutoModelForCausalLM.from_pretrained(
-        path, dtype=dtype, local_files_only=True, trust_remote_code=trust
+        path, dtype=dtype, local_files_only=True, trust_remote_code=trust_remote_code
     )
     return model
 

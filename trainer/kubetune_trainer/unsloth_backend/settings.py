@@ -77,6 +77,13 @@ def unsloth_dtype(name: str) -> str | None:
     return None if name == "auto" else name
 
 
+def data_tokenizer(section: UnslothSpec, model_path: str) -> Any:
+    """The tokenizer that prepares the data, loaded as the model is (`model.trust_remote_code`)."""
+    from kubetune_trainer.models import load_tokenizer
+
+    return load_tokenizer(model_path, trust_remote_code=section.model.trust_remote_code)
+
+
 def from_pretrained_kwargs(section: UnslothSpec, model_path: str) -> dict[str, Any]:
     """Keyword arguments of `FastLanguageModel.from_pretrained`."""
     import torch

@@ -48,7 +48,7 @@ from typing import Any
 from kubetune.planning.resolved import ResolvedJob
 from kubetune_trainer.checkpoint import Preempted, Preemption
 from kubetune_trainer.config import ConfigError, RunOptions, check_integrations
-from kubetune_trainer.models import ModelError, load_tokenizer, local_model_path
+from kubetune_trainer.models import ModelError, local_model_path
 from kubetune_trainer.outputs import finished, job_record, result_path, write_result_with
 from kubetune_trainer.unsloth_backend import settings
 from kubetune_trainer.unsloth_backend.reporting import Notes, make_reporter
@@ -85,7 +85,9 @@ def run(job: ResolvedJob, options: RunOptions) -> Path:
             from kubetune_trainer.unsloth_backend.dataset import load_sft_data
 
             model_path = local_model_path(job.paths.model)
-            data = load_sft_data(section, job.paths.training, job.paths.validation, load_tokenizer(model_path))
+            data = load_sft_data(
+                section, job.paths.training, job.paths.validation, settings.data_tokenizer(section, model_path)
+            )
             notes.extend(f"warning: {w}" for w in data.warnings)
             if section.model.trust_remote_code:
                 notes.add("model.trust_remote_code is on: the checkpoint's own Python code may run")

@@ -79,6 +79,11 @@ class ModelSpec(Section):
     )
 
 
+DATA_FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
+"""The data file types of a FileSet, one list for both sides: the operator mounts a source path
+with one of these suffixes as a file, and the trainer reads exactly these (kubetune_trainer.data)."""
+
+
 class FileSetSpec(Section):
     source: Source = Field(description="Where the files are stored.")
     sharedWith: list[DnsLabel] | None = Field(
@@ -185,6 +190,15 @@ class OutputStatus(StatusModel):
     path: str | None = Field(None, max_length=MAX_TEXT_LENGTH)
 
 
+class TrackingStatus(StatusModel):
+    """Where the job's experiment-tracking runs are (written by the trainer when they start)."""
+
+    mlflowRunUrl: str | None = Field(None, max_length=MAX_TEXT_LENGTH, description="The MLflow run's page.")
+    wandbRunUrl: str | None = Field(
+        None, max_length=MAX_TEXT_LENGTH, description="The W&B run's page (a file:// folder for an offline run)."
+    )
+
+
 class MemoryStatus(StatusModel):
     """GPU memory per GPU estimated before launch (kubetune.planning.memory), in GiB."""
 
@@ -210,6 +224,7 @@ class CustomizationJobStatus(StatusModel):
     layout: LayoutStatus | None = None
     progress: ProgressStatus | None = None
     output: OutputStatus | None = None
+    tracking: TrackingStatus | None = None
     memoryEstimate: MemoryStatus | None = None
 
 

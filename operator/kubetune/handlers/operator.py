@@ -127,7 +127,9 @@ def register(registry: kopf.OperatorRegistry, config: OperatorSettings) -> None:
             if old and old.get("spec") and backend_changed(old.get("spec"), body.get("spec")):
                 raise kopf.AdmissionError(IMMUTABLE_MESSAGE, code=422)
             op = _op(memo)
-            report, _ = validate_with_references(op.kube, manifest_of(body), op.settings.gpu_memory_gib)
+            report, _ = validate_with_references(
+                op.kube, manifest_of(body), op.settings.gpu_memory_gib, op.settings.gpu_type
+            )
             if not report.valid:
                 metrics.VALIDATION_FAILURES.labels(reason=report.errors[0].reason).inc()
                 raise kopf.AdmissionError("\n".join(f"{e.path}: {e.message}" for e in report.errors), code=422)

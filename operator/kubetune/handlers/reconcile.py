@@ -83,17 +83,17 @@ def catalog_for(kube: Kube, report: JobReport) -> Catalog:
 
 
 def validate_with_references(
-    kube: Kube, manifest: Mapping[str, Any], gpu_memory_gib: float | None = None
+    kube: Kube, manifest: Mapping[str, Any], gpu_memory_gib: float | None = None, gpu_type: str | None = None
 ) -> tuple[JobReport, dict[str, Any] | None]:
     """The full validation: schema, rules, references, and the memory pre-flight.
 
     Returns the report and `status.memoryEstimate` (None when numParameters is unknown). A job
     that cannot fit the configured GPU size is an error; one that may not fit, a warning.
     """
-    report = validate_job(manifest)
+    report = validate_job(manifest, gpu_type=gpu_type)
     if not report.valid:
         return report, None
-    report = validate_job(manifest, catalog_for(kube, report))
+    report = validate_job(manifest, catalog_for(kube, report), gpu_type)
     section = report.section
     if not report.valid or section is None or report.layout is None or report.references is None:
         return report, None
@@ -116,7 +116,9 @@ def launch(op: Operator, body: Mapping[str, Any]) -> dict[str, Any]:
     status = dict(body.get("status") or {})
     if status.get("phase") in TERMINAL_PHASES:
         return {}  # a finished job is never relaunched
-    report, memory = validate_with_references(op.kube, manifest_of(body), op.settings.gpu_memory_gib)
+    report, memory = validate_with_references(
+        op.kube, manifest_of(body), op.settings.gpu_memory_gib, op.settings.gpu_type
+    )
     conditions = status.get("conditions")
     if not report.valid:
         reason = report.errors[0].reason

@@ -19,7 +19,7 @@ from pathlib import PurePosixPath
 from typing import Any
 
 from kubetune.api.common import GROUP_VERSION
-from kubetune.api.resources import CustomizationJobSpec, Source
+from kubetune.api.resources import DATA_FILE_SUFFIXES, CustomizationJobSpec, Source
 from kubetune.api.unsloth import UnslothSpec
 from kubetune.planning.layout import Layout
 from kubetune.planning.resolved import (
@@ -34,8 +34,8 @@ from kubetune.planning.resolved import (
     ResolvedPaths,
     resolve,
 )
+from kubetune.planning.tracking import secret_env
 
-DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
 PROGRESS_FILE = "progress.jsonl"
 CONTAINER = "pytorch"  # the training-operator finds the training container by this name
 RUN_AS_USER = 1000
@@ -112,7 +112,7 @@ class Mount:
     @property
     def is_file(self) -> bool:
         path = self._source_path()
-        return path is not None and path.endswith(DATA_SUFFIXES)
+        return path is not None and path.endswith(DATA_FILE_SUFFIXES)
 
     def _source_path(self) -> str | None:
         if self.source.pvc is not None:
@@ -328,6 +328,7 @@ def _pod_template(
         {"name": "HF_HOME", "value": "/cache/huggingface"},
         {"name": "TRITON_CACHE_DIR", "value": "/cache/triton"},
         *({"name": f"KUBETUNE_{key.upper()}", "value": str(value)} for key, value in job.layout.as_dict().items()),
+        *secret_env(job.spec, job.namespace),  # tracking credentials, never in the ConfigMap
     ]
     resources = {kind: dict(amounts) for kind, amounts in settings.resources.items() if amounts}
     if gpus:

@@ -63,6 +63,18 @@ class Adapter(Section):
     baseModel: Reference = Field(description="The full-weight Model this LoRA adapter applies to.")
 
 
+class ModelTraining(Section):
+    """How a Model was made, filled by the operator on the Models its jobs create."""
+
+    job: ShortString = Field(description="The CustomizationJob that trained it (`namespace/name`).")
+    baseModel: ShortString = Field(description="The Model it was trained from (`name` or `workspace/name`).")
+    backend: Literal["automodel", "unsloth"] = Field(description="The trainer backend.")
+    trainingType: ShortString = Field(description="`sft` or `distillation`.")
+    finetuningType: ShortString = Field(description="`lora`, `lora_merged` or `all_weights`.")
+    finalLoss: float | None = Field(None, description="Training loss of the last step.")
+    finalValLoss: float | None = Field(None, description="The last validation loss.")
+
+
 class ModelSpec(Section):
     source: Source = Field(description="Where the weights (or adapter) are stored.")
     tokenizer: ShortString | None = Field(
@@ -77,6 +89,8 @@ class ModelSpec(Section):
     sharedWith: list[DnsLabel] | None = Field(
         None, max_length=MAX_LIST_ITEMS, description="Namespaces whose jobs may use this Model."
     )
+    description: str | None = Field(None, max_length=MAX_TEXT_LENGTH, description="What this model is.")
+    training: ModelTraining | None = Field(None, description="Present on Models created by a CustomizationJob.")
 
 
 DATA_FILE_SUFFIXES = (".jsonl", ".json", ".parquet")

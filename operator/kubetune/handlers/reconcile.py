@@ -28,7 +28,7 @@ from kubetune.planning.lifecycle import ChildState, batch_job_state, condition, 
 from kubetune.planning.memory import estimate_from_resolved
 from kubetune.planning.memory_check import check_memory, memory_report
 from kubetune.planning.references import Catalog, ObjectKey, cluster_source_problem, reference_uses
-from kubetune.planning.resolved import base_model_reference, output_name, output_type
+from kubetune.planning.resolved import base_model_reference, output_model_details, output_name, output_type
 from kubetune.planning.validation import JobReport, validate_fileset, validate_job, validate_model
 from kubetune.render.children import ChildNames, JobInput, render_children
 
@@ -313,6 +313,7 @@ def record_output(op: Operator, job: Mapping[str, Any], spec: CustomizationJobSp
         model_spec["adapter"] = {"baseModel": base_ref}
     elif base_spec.get("numParameters"):
         model_spec["numParameters"] = base_spec["numParameters"]
+    model_spec.update(output_model_details(section, f"{namespace}/{name}", (job.get("status") or {}).get("progress")))
     model = {
         "apiVersion": GROUP_VERSION,
         "kind": "Model",

@@ -23,6 +23,7 @@ from kubetune.api.common import DNS_LABEL_PATTERN, GROUP_VERSION, manifest_ident
 from kubetune.api.resources import BACKENDS, Backend, CustomizationJobSpec, FileSetSpec, ModelSpec
 from kubetune.api.unsloth import UnslothSpec
 from kubetune.planning.dtypes import gpu_dtype_findings
+from kubetune.planning.gpus import gpu_selection_warnings
 from kubetune.planning.layout import Layout, compute_layout
 from kubetune.planning.messages import describe, dotted
 from kubetune.planning.references import Catalog, Finding, ReferenceCheck, check_references
@@ -113,6 +114,8 @@ def validate_job(manifest: Any, catalog: Catalog | None = None, gpu_type: str | 
     assert report.backend is not None
     report.errors.extend(secret_reference_errors(section, namespace, report.backend))
     report.errors.extend(gpu_dtype_findings(section, gpu_type))
+    if isinstance(section, UnslothSpec):
+        report.warnings.extend(gpu_selection_warnings(section))
     if catalog is not None:
         report.references = check_references(section, namespace, catalog)
         report.errors.extend(report.references.errors)

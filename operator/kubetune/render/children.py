@@ -21,6 +21,7 @@ from typing import Any
 from kubetune.api.common import GROUP_VERSION
 from kubetune.api.resources import DATA_FILE_SUFFIXES, CustomizationJobSpec, Source
 from kubetune.api.unsloth import UnslothSpec
+from kubetune.planning.gpus import GPUS_ASSIGNED_BY_NODE, UNSLOTH_GPUS
 from kubetune.planning.layout import Layout
 from kubetune.planning.resolved import (
     MOUNT_CONFIG,
@@ -328,6 +329,7 @@ def _pod_template(
         {"name": "HF_HOME", "value": "/cache/huggingface"},
         {"name": "TRITON_CACHE_DIR", "value": "/cache/triton"},
         *({"name": f"KUBETUNE_{key.upper()}", "value": str(value)} for key, value in job.layout.as_dict().items()),
+        {"name": GPUS_ASSIGNED_BY_NODE, "value": "1"},  # hardware.gpus indices do not apply in a pod
         *secret_env(job.spec, job.namespace),  # tracking credentials, never in the ConfigMap
     ]
     resources = {kind: dict(amounts) for kind, amounts in settings.resources.items() if amounts}
@@ -404,8 +406,8 @@ def _pytorch_job(job: JobInput, names: ChildNames, settings: TrainerSettings) ->
 
 
 def unsloth_gpu_count(section: UnslothSpec) -> int:
-    """GPUs to request: the number of indices in hardware.gpus (the device plugin picks which)."""
-    return len(section.hardware.gpus.split(",")) if section.hardware.gpus else 1
+    """GPUs to request: one, whatever hardware.gpus lists (kubetune.planning.gpus)."""
+    return UNSLOTH_GPUS
 
 
 def _batch_job(job: JobInput, names: ChildNames, settings: TrainerSettings) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from kubetune.api.unsloth import UnslothSpec
+from kubetune.planning.gpus import GPUS_ASSIGNED_BY_NODE
 from kubetune.planning.resolved import ResolvedJob
 from kubetune_trainer.config import ConfigError
 
@@ -45,7 +46,7 @@ def select_gpus(gpus: str | None, environ: dict[str, str] | os._Environ[str] | N
     from that list, so `gpus: "0"` means "the first GPU this container may use".
     """
     env = os.environ if environ is None else environ
-    if gpus is None:
+    if gpus is None or env.get(GPUS_ASSIGNED_BY_NODE) == "1":  # in a pod the node chose the GPU
         return None
     wanted = [int(index) for index in gpus.split(",")]
     current = env.get("CUDA_VISIBLE_DEVICES")

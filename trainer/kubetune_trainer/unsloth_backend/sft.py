@@ -71,7 +71,7 @@ def run(job: ResolvedJob, options: RunOptions) -> Path:
 
     datasets.disable_progress_bars()  # per-map bars for a few hundred rows are noise in a job log
     on_gpu = torch.cuda.is_available()
-    if section.hardware.gpus is not None and not on_gpu and settings.nvidia_devices_present():
+    if visible is not None and not on_gpu and settings.nvidia_devices_present():
         raise ConfigError(
             f"hardware.gpus {section.hardware.gpus!r} (CUDA_VISIBLE_DEVICES={visible}) selects no usable GPU on "
             "this machine; fix the indices instead of training on CPU"
@@ -177,6 +177,8 @@ def _select_gpus(gpus: str | None, notes: Notes) -> str | None:
     value = settings.select_gpus(gpus)
     if value is not None:
         notes.add(f"hardware.gpus {gpus!r}: CUDA_VISIBLE_DEVICES={value}")
+    elif gpus is not None:
+        notes.add(f"hardware.gpus {gpus!r} not applied: the node assigned this pod's GPU")
     return value
 
 

@@ -20,19 +20,16 @@ class ModelError(RuntimeError):
     """A model that cannot be found, downloaded or used; the message says what to do."""
 
 
-def local_model_path(path: str) -> str:
-    """A local folder for `path`, downloading `hf://org/name` when possible."""
-    if path.startswith(HF_SCHEME):
-        repo_id = path[len(HF_SCHEME) :]
-        try:
-            from huggingface_hub import snapshot_download
+def local_model_path(path: str, world: Any = None) -> str:
+    """A local folder for `path`; `hf://org/name` is downloaded once per node (kubetune_trainer.hub).
 
-            return str(snapshot_download(repo_id))
-        except Exception as error:
-            raise ModelError(
-                f"cannot download {path}: {type(error).__name__}: {error}. The hub may be unreachable from "
-                "here; put the model on a volume and use a Model with source.pvc or source.hostPath instead"
-            ) from None
+    `world` (a `distributed.World`) is the process group under torchrun; None is one process.
+    """
+    if path.startswith(HF_SCHEME):
+        from kubetune_trainer.distributed import World
+        from kubetune_trainer.hub import hub_model_path
+
+        return hub_model_path(path, world if world is not None else World(0, 0, 1, torch.device("cpu")))
     folder = Path(path)
     if not (folder / "config.json").is_file():
         what = "does not exist" if not folder.exists() else "has no config.json (not a Hugging Face model folder)"

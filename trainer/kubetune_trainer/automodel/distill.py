@@ -5,8 +5,10 @@ Features:
   loss = ratio × KL(teacher/T ‖ student/T)·T² + (1 − ratio) × CE on completion tokens
   (`kubetune_trainer.losses.distillation_sums`); `distillation_ratio` 0 = CE only, 1 = KD only;
 - the student trains as in SFT: LoRA, merged LoRA or full weights, FSDP2 data parallel,
-  checkpoints and resume; the teacher is not sharded (each rank keeps a full copy for
-  inference) and, with `offload_teacher`, waits in CPU memory between forward passes;
+  checkpoints and resume; the teacher (`teacher.py`) computes in its own precision,
+  outside the student's autocast, is not sharded (each rank keeps a full copy for
+  inference) and, with `offload_teacher`, stays in CPU memory and is streamed to the
+  device one layer at a time;
 - the step history records `kl` and `ce` next to the loss; `val_loss` is the same
   combined loss on the validation data.
 
@@ -23,6 +25,7 @@ from torch import nn
 
 from kubetune.planning.resolved import ResolvedJob
 from kubetune_trainer.automodel.engine import Engine, LossFn, lora_settings, save_output, seed_everything, start_run
+from kubetune_trainer.automodel.teacher import FrozenTeacher
 from kubetune_trainer.batching import Batch
 from kubetune_trainer.checkpoint import Preemption
 from kubetune_trainer.config import ConfigError, RunOptions, automodel_section, check_supported
@@ -57,8 +60,8 @@ def run(job: ResolvedJob, options: RunOptions) -> Path:
         try:
             with Preemption() as preemption:
                 # 1. Load: tokenizers and data first (fail fast), then student and teacher.
-                model_path = local_model_path(job.paths.model)
-                teacher_path = local_model_path(job.paths.teacher_model)
+                model_path = local_model_path(job.paths.model, world)
+                teacher_path = local_model_path(job.paths.teacher_model, world)
                 tokenizer = load_tokenizer(model_path)
                 teacher_tokenizer = load_tokenizer(teacher_path)
                 splits = load_splits(
@@ -79,11 +82,8 @@ def run(job: ResolvedJob, options: RunOptions) -> Path:
                         f"{mismatch}. Pick a teacher of the student's model family (same tokenizer and vocabulary)"
                     )
 
-                # 2. Setup: the student as in SFT; the teacher frozen, on the device unless offloaded.
-                teacher.requires_grad_(False)
-                teacher.eval()
-                offload = training.offload_teacher and world.device.type != "cpu"
-                teacher.to("cpu" if offload else world.device)
+                # 2. Setup: the student as in SFT; the teacher frozen, on the device or streamed (teacher.py).
+                frozen = FrozenTeacher(teacher, world.device, offload=training.offload_teacher)
                 lora = lora_settings(section)
                 if lora is not None:
                     model = add_lora(model, lora["rank"], lora["alpha"], lora["target_modules"])
@@ -91,9 +91,7 @@ def run(job: ResolvedJob, options: RunOptions) -> Path:
                 model.to(world.device)
                 if world.distributed:
                     model = shard(model, world)
-                loss_fn = _loss(
-                    teacher, world.device, offload, training.distillation_ratio, training.distillation_temperature
-                )
+                loss_fn = _loss(frozen, world.device, training.distillation_ratio, training.distillation_temperature)
                 engine = Engine(ctx, model, loss_fn, splits, pad_id(tokenizer), lora is not None)
                 trainable, total = count_parameters(model)
                 for warning in splits.warnings:
@@ -126,15 +124,10 @@ def run(job: ResolvedJob, options: RunOptions) -> Path:
         shutdown(world)
 
 
-def _loss(teacher: nn.Module, device: torch.device, offload: bool, ratio: float, temperature: float) -> LossFn:
+def _loss(teacher: FrozenTeacher, device: torch.device, ratio: float, temperature: float) -> LossFn:
     def loss(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         inputs = batch.model_inputs(device)
-        with torch.no_grad():
-            if offload:
-                teacher.to(device)
-            teacher_logits = teacher(**inputs).logits
-            if offload:
-                teacher.to("cpu")
+        teacher_logits = teacher.logits(inputs)  # in teacher_precision, outside the student's autocast
         student_logits = model(**inputs).logits
         total, kl, ce = distillation_sums(student_logits, teacher_logits, batch.labels.to(device), ratio, temperature)
         return total, {"kl": kl.detach(), "ce": ce.detach()}

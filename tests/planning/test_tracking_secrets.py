@@ -79,3 +79,27 @@ def test_keys_reach_the_pod_as_secret_refs_never_the_config_map(tmp_path: Path) 
         }
     config = json.loads(children["ConfigMap"]["data"]["job.json"])
     assert "valueFrom" not in json.dumps(config) and "WANDB_API_KEY" not in json.dumps(config)
+
+
+def test_hub_token_comes_from_the_models_secret(tmp_path: Path) -> None:
+    """An `hf://` Model naming `source.tokenSecret` gives the pods HF_TOKEN from that Secret."""
+    documents = list(yaml.safe_load_all((ROOT / "examples" / "04-full-weights-shared.yaml").read_text()))
+    [hub_model] = [d for d in documents if d["kind"] == "Model" and "uri" in d["spec"]["source"]]
+
+    def pod_env() -> dict[str, Any]:
+        manifest = tmp_path / "job.yaml"
+        manifest.write_text(yaml.safe_dump_all(documents))
+        out, err = io.StringIO(), io.StringIO()
+        assert run_render(load_files([str(manifest)]), out, err) == 0, err.getvalue()
+        children = {doc["kind"]: doc for doc in yaml.safe_load_all(out.getvalue())}
+        pod = children["PyTorchJob"]["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
+        return {e["name"]: e for e in pod["containers"][0]["env"]}
+
+    assert "HF_TOKEN" not in pod_env()
+    hub_model["spec"]["source"]["tokenSecret"] = "hub-token"
+    env = pod_env()
+    assert env["HF_TOKEN"] == {
+        "name": "HF_TOKEN",
+        "valueFrom": {"secretKeyRef": {"name": "hub-token", "key": "HF_TOKEN"}},
+    }
+    assert env["HF_HOME"]["value"] == "/cache/huggingface"  # the download lands on the cache volume

@@ -54,6 +54,13 @@ class Source(Section):
     uri: Annotated[str, StringConstraints(pattern=r"^hf://[^/\s]+/[^/\s]+$", max_length=MAX_TEXT_LENGTH)] | None = (
         Field(None, description="A hub URI `hf://org/name`, downloaded when the network allows it.")
     )
+    tokenSecret: DnsLabel | None = Field(
+        None,
+        description=(
+            "For a `uri` source: a Secret in the namespace of the jobs that use it whose `HF_TOKEN` key is the "
+            "hub token (gated or private models); it reaches the trainer as HF_TOKEN via a secretKeyRef."
+        ),
+    )
 
 
 # --------------------------------------------------------------------------- Model / FileSet

@@ -1,4 +1,4 @@
-"""Experiment-tracking credentials: which Secret each integration reads, and how.
+"""Credentials of a job's pods: experiment tracking, and the model hub's token.
 
 `api_key_secret` is written like every reference (`name` or `workspace/name`), but a pod
 can only read Secrets of its own namespace, so a workspace other than the job's is
@@ -9,13 +9,13 @@ refused here (CLI, webhook and reconcile all call `secret_reference_errors` thro
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from kubetune.api.automodel import AutomodelSpec
 from kubetune.api.common import split_reference
-from kubetune.api.resources import CustomizationJobSpec
+from kubetune.api.resources import CustomizationJobSpec, Source
 from kubetune.api.unsloth import UnslothSpec
 from kubetune.planning.references import Finding
 
@@ -58,6 +58,19 @@ def secret_reference_errors(section: AutomodelSpec | UnslothSpec, namespace: str
         for use in secret_uses(section, namespace, backend)
         if use.namespace != namespace
     ]
+
+
+HUB_TOKEN_KEY = "HF_TOKEN"
+
+
+def hub_token_env(sources: Mapping[str, Source]) -> list[dict[str, Any]]:
+    """HF_TOKEN from the Secret an `hf://` model source names (the student's first, else the teacher's)."""
+    for role in ("model", "teacher"):
+        source = sources.get(role)
+        if source is not None and source.uri is not None and source.tokenSecret is not None:
+            secret = {"name": source.tokenSecret, "key": HUB_TOKEN_KEY}
+            return [{"name": HUB_TOKEN_KEY, "valueFrom": {"secretKeyRef": secret}}]
+    return []
 
 
 def secret_env(spec: CustomizationJobSpec, namespace: str) -> list[dict[str, Any]]:

@@ -35,7 +35,7 @@ from kubetune.planning.resolved import (
     ResolvedPaths,
     resolve,
 )
-from kubetune.planning.tracking import secret_env
+from kubetune.planning.tracking import hub_token_env, secret_env
 
 PROGRESS_FILE = "progress.jsonl"
 CONTAINER = "pytorch"  # the training-operator finds the training container by this name
@@ -330,7 +330,8 @@ def _pod_template(
         {"name": "TRITON_CACHE_DIR", "value": "/cache/triton"},
         *({"name": f"KUBETUNE_{key.upper()}", "value": str(value)} for key, value in job.layout.as_dict().items()),
         {"name": GPUS_ASSIGNED_BY_NODE, "value": "1"},  # hardware.gpus indices do not apply in a pod
-        *secret_env(job.spec, job.namespace),  # tracking credentials, never in the ConfigMap
+        *secret_env(job.spec, job.namespace),
+        *hub_token_env(job.sources),  # tracking credentials, never in the ConfigMap
     ]
     resources = {kind: dict(amounts) for kind, amounts in settings.resources.items() if amounts}
     if gpus:

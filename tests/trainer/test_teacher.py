@@ -95,3 +95,47 @@ def test_preflight_teacher_term_is_not_divided_by_the_world_size(tiny_teacher: P
 
     assert teacher_term(8, False) == pytest.approx(teacher_term(1, False))
     assert teacher_term(8, True) < teacher_term(8, False)
+
+
+@pytest.fixture(scope="module")
+def llama_shaped_teacher(models_dir: Path) -> Path:
+    """A teacher shaped like the dense Llama the pre-flight assumes (hidden 240 → 2 layers of 12·h²)."""
+    import tiny_models
+
+    return tiny_models.build_model(
+        models_dir / "llama-shaped-teacher", hidden=240, layers=2, heads=4, kv_heads=4, intermediate=640
+    )
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+@pytest.mark.parametrize("offload", [False, True], ids=["on-device", "offloaded"])
+def test_preflight_teacher_weights_match_the_measured_peak(
+    llama_shaped_teacher: Path, precision: str, offload: bool
+) -> None:
+    """The pre-flight's teacher weight term against the teacher bytes measured on the device during a
+    real forward (the streamer's peak when offloaded; all of them otherwise), within 25%."""
+    from kubetune.planning.memory import teacher_weight_bytes
+    from kubetune_trainer.models import DTYPES
+
+    model = load_causal_lm(str(llama_shaped_teacher), DTYPES[precision])
+    params = sum(p.numel() for p in model.parameters())
+    teacher = FrozenTeacher(model, CPU, offload=offload)
+    teacher.logits(_inputs())
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    measured = teacher.streamer.peak_bytes if teacher.streamer is not None else total
+    section = AutomodelSpec.model_validate(
+        {
+            "model": "s",
+            "dataset": {"training": "d"},
+            "training": {
+                "training_type": "distillation",
+                "teacher_model": "t",
+                "teacher_precision": precision,
+                "offload_teacher": offload,
+            },
+        }
+    )
+    estimated = teacher_weight_bytes(memory_inputs(section, 1000, params))
+    assert abs(estimated - measured) <= 0.25 * measured, (estimated, measured)
+    if offload:
+        assert measured < 0.6 * total

@@ -359,15 +359,23 @@ def _activations(inputs: MemoryInputs, layout: Layout, hidden: float, layers: in
     return acts
 
 
+def teacher_weight_bytes(inputs: MemoryInputs) -> float:
+    """Teacher weights on one GPU: a whole, unsharded copy (every rank holds one), or one layer
+    when offloaded (kubetune_trainer/automodel/teacher.py streams it layer by layer)."""
+    if inputs.teacher_parameters is None:
+        return 0.0
+    t = float(inputs.teacher_parameters)
+    return inputs.teacher_bytes * t / (_shape(t)[1] if inputs.offload_teacher else 1)
+
+
 def _teacher(inputs: MemoryInputs, layout: Layout, notes: dict[str, str]) -> tuple[float, float]:
     """(bytes, floor bytes) of the frozen teacher of a distillation job."""
     if inputs.teacher_parameters is None:
         return 0.0, 0.0
     t = float(inputs.teacher_parameters)
-    t_hidden, t_layers = _shape(t)
+    t_hidden, _ = _shape(t)
     tokens = inputs.seq_len / layout.context_parallel_size * inputs.micro_batch
-    # Not sharded: kubetune_trainer/automodel/teacher.py keeps a whole copy per rank, or streams one layer.
-    weights = inputs.teacher_bytes * t / (t_layers if inputs.offload_teacher else 1)
+    weights = teacher_weight_bytes(inputs)
     # no_grad forward: one layer's working set, then its logits and the two KD softmaxes
     working = tokens * t_hidden * 34.0 + tokens * ASSUMED_VOCAB * TEACHER_LOGIT_BYTES
     notes["teacher"] = f"{_count(t)} params × {inputs.teacher_bytes:.0f} bytes" + (

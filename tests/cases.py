@@ -73,10 +73,13 @@ RULE_CASES: list[Case] = [
     # --- total GPUs divisible by TP × PP × CP
     Case("tp2-on-8", automodel(parallelism={**GPUS_8, "tensor_parallel_size": 2}), None),
     Case(
-        "tp2-pp2-cp2-on-8",
-        automodel(
-            parallelism={**GPUS_8, "tensor_parallel_size": 2, "pipeline_parallel_size": 2, "context_parallel_size": 2}
-        ),
+        "tp2-pp2-dp2-on-8",
+        automodel(parallelism={**GPUS_8, "tensor_parallel_size": 2, "pipeline_parallel_size": 2}),
+        None,
+    ),
+    Case(
+        "tp2-cp2-dp2-on-8",
+        automodel(parallelism={**GPUS_8, "tensor_parallel_size": 2, "context_parallel_size": 2}),
         None,
     ),
     Case(
@@ -92,13 +95,13 @@ RULE_CASES: list[Case] = [
         "GpusFitModelParallel",
     ),
     Case(
-        "pp4-cp2-on-2x2",
+        "pp4-tp2-on-2x2",
         automodel(
             parallelism={
                 "num_nodes": 2,
                 "num_gpus_per_node": 2,
                 "pipeline_parallel_size": 4,
-                "context_parallel_size": 2,
+                "tensor_parallel_size": 2,
             }
         ),
         "spec.automodel.parallelism",
@@ -135,6 +138,25 @@ RULE_CASES: list[Case] = [
         "ExpertParallelNeedsTensorParallelOne",
     ),
     Case("ep1-tp2", automodel(parallelism={**GPUS_8, "expert_parallel_size": 1, "tensor_parallel_size": 2}), None),
+    Case(
+        "ep4-on-dp2",
+        automodel(parallelism={"num_gpus_per_node": 2, "expert_parallel_size": 4}),
+        "spec.automodel.parallelism.expert_parallel_size",
+        "ExpertParallelDividesDataParallel",
+    ),
+    # --- combinations the trainer does not run
+    Case(
+        "pp2-cp2",
+        automodel(parallelism={"num_gpus_per_node": 4, "pipeline_parallel_size": 2, "context_parallel_size": 2}),
+        "spec.automodel.parallelism.context_parallel_size",
+        "PipelineWithContextParallel",
+    ),
+    Case(
+        "ep2-pp2",
+        automodel(parallelism={"num_gpus_per_node": 4, "pipeline_parallel_size": 2, "expert_parallel_size": 2}),
+        "spec.automodel.parallelism.expert_parallel_size",
+        "ExpertParallelWithPipelineOrContext",
+    ),
     # --- distillation
     Case("distill-with-teacher", automodel(training={"training_type": "distillation", "teacher_model": "big"}), None),
     Case(

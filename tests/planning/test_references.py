@@ -90,6 +90,24 @@ DATA = fileset("train-data")
             "ExpertParallelWithoutExperts",
         ),
         (
+            [model("base-model", numAttentionHeads=8, numKeyValueHeads=2, numLayers=4), DATA],
+            automodel(parallelism={"num_gpus_per_node": 8, "tensor_parallel_size": 2}),
+            None,
+            None,
+        ),
+        (
+            [model("base-model", numAttentionHeads=8, numKeyValueHeads=2), DATA],
+            automodel(parallelism={"num_gpus_per_node": 8, "tensor_parallel_size": 4}),
+            "spec.automodel.parallelism.tensor_parallel_size",
+            "ModelSplit",
+        ),
+        (
+            [model("base-model", numLayers=2), DATA],
+            automodel(parallelism={"num_gpus_per_node": 8, "pipeline_parallel_size": 4}),
+            "spec.automodel.parallelism.pipeline_parallel_size",
+            "ModelSplit",
+        ),
+        (
             [model("base-model", "team-a", sharedWith=["default"]), DATA],
             automodel(model="team-a/base-model"),
             None,
@@ -138,6 +156,13 @@ def test_unknown_tokenizers_are_a_warning_not_a_pass() -> None:
     report = validate_job(automodel(training=DISTILL), bundle.catalog)
     assert report.valid
     assert [w.reason for w in report.warnings] == ["TokenizerUnknown"]
+
+
+def test_an_undeclared_architecture_is_a_warning_when_the_job_splits_the_model() -> None:
+    bundle = sort_manifests([model("base-model"), DATA])
+    report = validate_job(automodel(parallelism={"num_gpus_per_node": 2, "tensor_parallel_size": 2}), bundle.catalog)
+    assert report.valid
+    assert [w.reason for w in report.warnings] == ["ModelSplitUnknown"]
 
 
 @pytest.mark.parametrize(

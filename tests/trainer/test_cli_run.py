@@ -100,12 +100,21 @@ def test_kubetune_run_reports_an_invalid_job(
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize(
+    ("parallelism", "layout"),
+    [
+        ("{num_gpus_per_node: 2}", "2 GPUs = DP 2 × TP 1"),
+        ("{num_gpus_per_node: 2, tensor_parallel_size: 2}", "2 GPUs = DP 1 × TP 2"),
+    ],
+)
 def test_kubetune_run_starts_torchrun_for_several_processes(
     tmp_path: Path,
     tiny_model: Path,
     task_data: Path,
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
+    parallelism: str,
+    layout: str,
 ) -> None:
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     path = tmp_path / "job.yaml"
@@ -113,14 +122,17 @@ def test_kubetune_run_starts_torchrun_for_several_processes(
         manifests(tiny_model, str(task_data))
         .replace(
             "optimizer: {learning_rate: 1.0e-2}",
-            "optimizer: {learning_rate: 1.0e-2}\n    parallelism: {num_gpus_per_node: 2}",
+            f"optimizer: {{learning_rate: 1.0e-2}}\n    parallelism: {parallelism}",
         )
         .replace("micro_batch_size: 8", "micro_batch_size: 2")
     )
     path.write_text(text, encoding="utf-8")
     out = tmp_path / "run"
-    assert main(["run", str(path), "--output", str(out), "--no-sample"]) == 0
-    assert "2 GPUs = DP 2" in capsys.readouterr().out
+    assert main(["run", str(path), "--output", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert layout in printed
+    # The adapter gathered from the split model loads and generates (the sample after training).
     assert (out / "tiny-run-output" / "adapter_model.safetensors").is_file()
+    assert "--- sample (greedy) ---" in printed and "\nafter: " in printed
     steps = [line for line in (out / "progress.jsonl").read_text().splitlines() if '"kind": "step"' in line]
     assert len(steps) == 6  # one reporter (rank 0), every step

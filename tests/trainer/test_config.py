@@ -14,9 +14,9 @@ from typing import Any
 import pytest
 
 from kubetune_trainer.__main__ import main, run_job
-from kubetune_trainer.config import ConfigError, RunOptions, check_supported
+from kubetune_trainer.config import ConfigError, RunOptions, check_model_split, check_supported
 from kubetune_trainer.metrics import PrometheusReporter
-from kubetune_trainer.models import ModelError, local_model_path
+from kubetune_trainer.models import ModelError, load_config, local_model_path
 from kubetune_trainer.progress import (
     ConsoleReporter,
     JsonLinesReporter,
@@ -29,9 +29,7 @@ from kubetune_trainer.progress import (
 @pytest.mark.parametrize(
     ("parallelism", "message"),
     [
-        ({"num_gpus_per_node": 2, "tensor_parallel_size": 2}, "tensor_parallel_size 2"),
         ({"num_gpus_per_node": 2, "pipeline_parallel_size": 2}, "pipeline_parallel_size 2"),
-        ({"num_gpus_per_node": 2, "context_parallel_size": 2}, "context_parallel_size 2"),
         ({"num_gpus_per_node": 2, "expert_parallel_size": 2}, "expert_parallel_size 2"),
     ],
 )
@@ -39,8 +37,22 @@ def test_model_parallel_jobs_are_refused_not_run_as_data_parallel(
     job_factory: Callable[..., Any], tiny_model: Path, task_data: Path, parallelism: dict[str, int], message: str
 ) -> None:
     job, _ = job_factory(tiny_model, task_data, spec={"parallelism": parallelism, "batch": {"micro_batch_size": 1}})
-    with pytest.raises(ConfigError, match=f"data parallel only; the job asks for {message}.*not started"):
+    with pytest.raises(ConfigError, match=f"data, tensor and context parallel; the job asks for {message}.*not started"):
         check_supported(job, job.layout.world_size)
+
+
+def test_a_model_that_cannot_be_split_as_asked_is_refused_before_loading(
+    job_factory: Callable[..., Any], tiny_model: Path, task_data: Path
+) -> None:
+    # The tiny model has 4 query heads and 2 key/value heads: 4-way tensor parallel would cut heads.
+    spec = {"parallelism": {"num_gpus_per_node": 4, "tensor_parallel_size": 4}, "batch": {"micro_batch_size": 1}}
+    job, _ = job_factory(tiny_model, task_data, spec=spec)
+    with pytest.raises(ConfigError, match="tensor_parallel_size 4 must divide the model's 2 key/value heads"):
+        check_model_split(job, load_config(str(tiny_model)))
+    fine, _ = job_factory(
+        tiny_model, task_data, spec={**spec, "parallelism": {"num_gpus_per_node": 4, "tensor_parallel_size": 2}}
+    )
+    check_model_split(fine, load_config(str(tiny_model)))
 
 
 def test_world_size_must_match_the_layout(job_factory: Callable[..., Any], tiny_model: Path, task_data: Path) -> None:

@@ -62,7 +62,7 @@ def test_loss_falls_and_result_is_complete(trained: dict[str, Path], kind: str) 
 def _loss(model: torch.nn.Module, tiny_model: Path, task_data: Path) -> float:
     from kubetune_trainer.batching import collate
     from kubetune_trainer.data import load_splits
-    from kubetune_trainer.losses import cross_entropy_sum
+    from kubetune_trainer.losses import cross_entropy_sum, shift_labels
     from kubetune_trainer.models import load_tokenizer
 
     tokenizer = load_tokenizer(str(tiny_model))
@@ -70,7 +70,7 @@ def _loss(model: torch.nn.Module, tiny_model: Path, task_data: Path) -> float:
     batch = collate([[e] for e in splits.train[:32]], tokenizer.pad_token_id, packed=False)
     with torch.no_grad():
         logits = model(**batch.model_inputs(torch.device("cpu"))).logits
-    return float(cross_entropy_sum(logits, batch.labels)) / batch.num_label_tokens
+    return float(cross_entropy_sum(logits, shift_labels(batch.labels))) / batch.num_label_tokens
 
 
 @pytest.mark.parametrize("kind", FINETUNING_TYPES)

@@ -3,8 +3,9 @@
 The resolved job (`kubetune.planning.resolved.ResolvedJob`) is the only input. Checks
 here run before anything heavy is loaded:
 
-- tensor / pipeline / context / expert parallel sizes > 1 are refused (they come in a
-  later release; running them as plain data parallel would silently change the job);
+- parallel sizes the trainer does not run yet are refused (running them as plain data
+  parallel would silently change the job), and so is a layout the model cannot be split
+  into (heads or layers not divisible), read from its config before the weights load;
 - the number of processes must be the layout's world size (the global batch and the
   gradient accumulation were planned for it);
 - requested integrations need their package in the trainer image.
@@ -17,10 +18,12 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from pydantic import ValidationError
 
 from kubetune.api.automodel import AutomodelSpec
+from kubetune.planning.layout import Architecture, architecture_problems
 from kubetune.planning.resolved import ResolvedJob
 
 
@@ -55,18 +58,15 @@ def check_supported(job: ResolvedJob, world_size: int) -> None:
     unsupported = [
         f"{name} {size}"
         for name, size in (
-            ("tensor_parallel_size", layout.tensor_parallel_size),
             ("pipeline_parallel_size", layout.pipeline_parallel_size),
-            ("context_parallel_size", layout.context_parallel_size),
             ("expert_parallel_size", layout.expert_parallel_size),
         )
         if size > 1
     ]
     if unsupported:
         raise ConfigError(
-            f"this trainer runs data parallel only; the job asks for {', '.join(unsupported)}. "
-            "Set spec.automodel.parallelism's tensor/pipeline/context/expert sizes to 1 (model-parallel "
-            "training comes in a later kubetune release); the job was not started"
+            f"this trainer runs data, tensor and context parallel; the job asks for {', '.join(unsupported)}. "
+            "Set spec.automodel.parallelism's pipeline/expert sizes to 1; the job was not started"
         )
     if world_size != layout.world_size:
         raise ConfigError(
@@ -74,6 +74,30 @@ def check_supported(job: ResolvedJob, world_size: int) -> None:
             f"{world_size} are running: launch it with torchrun --nproc-per-node matching num_gpus_per_node"
         )
     check_integrations(job)
+
+
+def check_model_split(job: ResolvedJob, config: Any) -> None:
+    """Refuse a layout this model (its transformers config) cannot be split into, before loading weights."""
+    section = automodel_section(job)
+    parallelism = section.parallelism
+    heads = getattr(config, "num_attention_heads", None)
+    architecture = Architecture(
+        attention_heads=heads,
+        key_value_heads=getattr(config, "num_key_value_heads", None) or heads,
+        layers=getattr(config, "num_hidden_layers", None),
+        intermediate_size=getattr(config, "intermediate_size", None),
+    )
+    problems = [
+        f"spec.automodel.parallelism.{field}: {message}"
+        for field, message in architecture_problems(parallelism, architecture)
+    ]
+    if parallelism.tensor_parallel_size > 1 and not getattr(config, "base_model_tp_plan", None):
+        problems.append(
+            f"spec.automodel.parallelism.tensor_parallel_size: {type(config).__name__} has no tensor-parallel "
+            "plan in transformers; set tensor_parallel_size: 1"
+        )
+    if problems:
+        raise ConfigError(f"the model {job.paths.model} cannot be split as the layout asks: " + "; ".join(problems))
 
 
 INTEGRATION_PACKAGES = {"wandb": "wandb", "mlflow": "mlflow"}

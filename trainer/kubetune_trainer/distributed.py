@@ -1,21 +1,29 @@
-"""Processes, devices and FSDP2: the data-parallel plumbing of the automodel backend.
+"""Processes, devices, the device mesh and FSDP2: the distributed plumbing of automodel.
 
 Under torchrun the environment names this process's rank; alone, the world is one
 process and no process group is created (nothing to synchronise). The backend is NCCL on
-GPUs and gloo on CPU. Models with more than one process are sharded with FSDP2
-(`fully_shard`): each decoder layer is one unit, the root holds the rest.
+GPUs and gloo on CPU. The job's layout becomes one device mesh (`parallel.mesh`); a model
+is first split over the tensor-parallel ranks (`parallel.tensor`), then sharded with
+FSDP2 (`fully_shard`) over the data × context parallel ranks: each decoder layer is one
+unit, the root holds the rest.
 """
 
 from __future__ import annotations
 
 import datetime
+import math
 import os
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from kubetune_trainer.parallel.mesh import Dim, ParallelDims, ParallelMesh, build_mesh
+
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
 
 
 @dataclass(frozen=True)
@@ -24,6 +32,12 @@ class World:
     local_rank: int
     size: int
     device: torch.device
+    mesh: ParallelMesh = field(default=None)  # type: ignore[assignment]
+    """This rank's place in the job's layout (pure data parallel when no layout is given)."""
+
+    def __post_init__(self) -> None:
+        if self.mesh is None:  # a plain world (tests, tools): every rank is a data-parallel rank
+            object.__setattr__(self, "mesh", ParallelMesh(ParallelDims(dp=self.size), self.rank, self.device, None))
 
     @property
     def is_main(self) -> bool:
@@ -34,8 +48,9 @@ class World:
         return self.size > 1
 
 
-def init_world() -> World:
-    """Read torchrun's environment; create the process group when there are several ranks."""
+def init_world(dims: ParallelDims | None = None) -> World:
+    """Read torchrun's environment; create the process group and the mesh of `dims`
+    (default: every rank data parallel) when there are several ranks."""
     size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -49,7 +64,10 @@ def init_world() -> World:
             backend="nccl" if device.type == "cuda" else "gloo",
             timeout=datetime.timedelta(minutes=int(os.environ.get("KUBETUNE_DIST_TIMEOUT_MINUTES", "30"))),
         )
-    return World(rank=rank, local_rank=local_rank, size=size, device=device)
+    dims = dims or ParallelDims(dp=size)
+    if dims.world_size != size:
+        return World(rank=rank, local_rank=local_rank, size=size, device=device)  # check_supported reports it
+    return World(rank, local_rank, size, device, build_mesh(dims, rank, size, device))
 
 
 def shutdown(world: World) -> None:
@@ -62,13 +80,13 @@ def barrier(world: World) -> None:
         dist.barrier()
 
 
-def all_sum(world: World, values: list[float]) -> list[float]:
-    """Sum a few scalars over all ranks (float64 on the process group's device)."""
+def all_sum(world: World, values: list[float], group: dist.ProcessGroup | None = None) -> list[float]:
+    """Sum a few scalars over all ranks, or over `group` (float64 on the process group's device)."""
     if not world.distributed:
         return list(values)
     device = world.device if world.device.type == "cuda" else torch.device("cpu")
     tensor = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(tensor)
+    dist.all_reduce(tensor, group=group)
     return [float(v) for v in tensor.tolist()]
 
 
@@ -93,16 +111,43 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     return [module for module in model.modules() if type(module).__name__ in names]
 
 
-def shard(model: nn.Module, world: World) -> nn.Module:
-    """FSDP2: one unit per decoder layer plus the root (parameters sharded on dim 0)."""
-    from torch.distributed.device_mesh import init_device_mesh
+@dataclass
+class ParallelModel:
+    """A model split and sharded for this rank's place in the mesh."""
+
+    module: nn.Module
+    partial_grad_params: list[nn.Parameter]
+    """Replicated over TP but fed split activations: gradients summed over TP after backward."""
+    gradient_divisor: int
+    """What FSDP2 divides the reduced gradients by (the data × context parallel size, or 1)."""
+
+
+def parallelize(model: nn.Module, world: World) -> ParallelModel:
+    """Context-parallel attention over "cp", tensor parallel over "tp" (the model's own
+    plan), then FSDP2 over "dp" × "cp"."""
+    from kubetune_trainer.parallel.context import ContextParallel
+    from kubetune_trainer.parallel.tensor import apply_tensor_parallel
+
+    mesh = world.mesh
+    ContextParallel.from_mesh(mesh).apply(model)
+    partial: list[nn.Parameter] = []
+    tp_mesh = mesh.submesh("tp")
+    if tp_mesh is not None:
+        partial = apply_tensor_parallel(model, tp_mesh)
+    fsdp_mesh = mesh.submesh("dp", "cp")
+    if fsdp_mesh is None:
+        return ParallelModel(model, partial, 1)
+    return ParallelModel(shard(model, fsdp_mesh, world.device), partial, fsdp_mesh.size())
+
+
+def shard(model: nn.Module, mesh: DeviceMesh, device: torch.device) -> nn.Module:
+    """FSDP2 over `mesh`: one unit per decoder layer plus the root (parameters sharded on dim 0)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    mesh = init_device_mesh(world.device.type, (world.size,), mesh_dim_names=("dp",))
     # On GPUs compute in bf16 and reduce gradients in fp32; on CPU everything stays fp32.
     policy = (
         MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-        if world.device.type == "cuda"
+        if device.type == "cuda"
         else MixedPrecisionPolicy()
     )
     layers = decoder_layers(model)
@@ -112,6 +157,39 @@ def shard(model: nn.Module, world: World) -> nn.Module:
         fully_shard(layer, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)
     return model
+
+
+def sum_over(world: World, values: list[float], *dims: Dim) -> list[float]:
+    """Sum a few scalars over the ranks that differ only in `dims` (no-op when those have size 1)."""
+    group = world.mesh.group(*dims)
+    return list(values) if group is None else all_sum(world, values, group)
+
+
+def clip_gradients(params: list[nn.Parameter], max_norm: float, world: World) -> float:
+    """Clip the global gradient norm of parameters that may be DTensors on different meshes.
+
+    torch's `clip_grad_norm_` needs all gradients on one mesh; here TP-split, FSDP-sharded
+    and replicated parameters mix, and pipeline stages hold different parameters.
+    """
+    grads = [p.grad for p in params if p.grad is not None]
+    # One norm per (mesh, placements) group: one collective per group, not per parameter.
+    groups: dict[object, list[torch.Tensor]] = {}
+    for grad in grads:
+        spec = getattr(grad, "_spec", None)
+        key = (id(spec.mesh), spec.placements) if spec is not None else None
+        groups.setdefault(key, []).append(grad.detach())
+    total = 0.0
+    for members in groups.values():
+        group_norm = torch.nn.utils.get_total_norm(members, norm_type=2.0)
+        full = getattr(group_norm, "full_tensor", None)
+        total += float(full() if full is not None else group_norm) ** 2
+    squared = sum_over(world, [total], "pp")[0]
+    norm = math.sqrt(squared)
+    coefficient = max_norm / (norm + 1e-6)
+    if coefficient < 1.0:
+        for grad in grads:
+            grad.detach().mul_(coefficient)
+    return norm
 
 
 def set_gradient_sync(model: nn.Module, enabled: bool) -> None:

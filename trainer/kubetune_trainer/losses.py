@@ -3,6 +3,11 @@
 Normalising by the number of label tokens in the whole global batch (all micro batches on
 all ranks) is what makes the result independent of how the batch is split: one process
 with 4 micro batches and 2 processes with 2 each compute the same gradient.
+
+Labels are shifted once, before the model runs (`shift_labels`): position t carries the
+label of token t + 1. The losses then compare logits and labels position by position, so
+they work unchanged on a slice of the sequence (context parallel) or on the last stage of
+a pipeline.
 """
 
 from __future__ import annotations
@@ -13,15 +18,19 @@ import torch.nn.functional as F
 from kubetune_trainer.data import IGNORE_INDEX
 
 
-def shift(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Logits at the positions that predict a label, those labels, and the selection mask."""
-    targets = labels[:, 1:]
-    mask = targets != IGNORE_INDEX
-    return logits[:, :-1][mask].float(), targets[mask], mask
+def shift_labels(labels: torch.Tensor) -> torch.Tensor:
+    """Labels aligned with the logits: position t gets labels[t + 1]; the last position none."""
+    return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
 
 
-def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    predicted, targets, _ = shift(logits, labels)
+def labelled(logits: torch.Tensor, shifted_labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Logits (fp32) at the positions that carry a label, those labels, and the selection mask."""
+    mask = shifted_labels != IGNORE_INDEX
+    return logits[mask].float(), shifted_labels[mask], mask
+
+
+def cross_entropy_sum(logits: torch.Tensor, shifted_labels: torch.Tensor) -> torch.Tensor:
+    predicted, targets, _ = labelled(logits, shifted_labels)
     return F.cross_entropy(predicted, targets, reduction="sum")
 
 
@@ -39,7 +48,7 @@ def per_token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch
 def distillation_sums(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
-    labels: torch.Tensor,
+    shifted_labels: torch.Tensor,
     ratio: float,
     temperature: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -48,8 +57,8 @@ def distillation_sums(
     loss = ratio × KL(teacher/T ‖ student/T)·T² + (1 − ratio) × CE — logit-pair
     distillation on the completion tokens, the T² keeping gradient scale independent of T.
     """
-    student, targets, mask = shift(student_logits, labels)
-    teacher = teacher_logits[:, :-1][mask].float()
+    student, targets, mask = labelled(student_logits, shifted_labels)
+    teacher = teacher_logits[mask].float()
     t = temperature
     kl = F.kl_div(
         F.log_softmax(student / t, dim=-1), F.log_softmax(teacher / t, dim=-1), log_target=True, reduction="sum"

@@ -64,6 +64,13 @@ def pad_id(tokenizer: Any) -> int:
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
+def load_config(path: str, trust_remote_code: bool = False) -> Any:
+    """The model's transformers config (config.json only: no weights)."""
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
+
+
 def load_causal_lm(path: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False) -> nn.Module:
     from transformers import AutoModelForCausalLM
 

@@ -90,6 +90,15 @@ class ModelSpec(Section):
     )
     numParameters: int | None = Field(None, gt=0, description="Number of parameters (for memory planning).")
     numExperts: int | None = Field(None, ge=0, description="Number of experts of an MoE model; 0 for dense.")
+    numAttentionHeads: int | None = Field(
+        None, gt=0, description="Query heads (config.json `num_attention_heads`): tensor parallel must divide it."
+    )
+    numKeyValueHeads: int | None = Field(
+        None, gt=0, description="Key/value heads (`num_key_value_heads`): tensor parallel must divide it."
+    )
+    numLayers: int | None = Field(
+        None, gt=0, description="Decoder layers (`num_hidden_layers`): each pipeline stage needs at least one."
+    )
     adapter: Adapter | None = Field(
         None, description="Present when this Model is a LoRA adapter; absent for full weights."
     )

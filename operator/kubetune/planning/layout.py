@@ -72,6 +72,52 @@ def batch_fits_data_parallel(batch: AutomodelBatch, parallelism: AutomodelParall
     return batch.global_batch_size % (batch.micro_batch_size * data_parallel_size(parallelism)) == 0
 
 
+@dataclass(frozen=True)
+class Architecture:
+    """What the layout needs to know of a model (None: not known here)."""
+
+    attention_heads: int | None = None
+    key_value_heads: int | None = None
+    layers: int | None = None
+    intermediate_size: int | None = None
+
+
+def architecture_problems(parallelism: AutomodelParallelism, model: Architecture) -> list[tuple[str, str]]:
+    """(field, message) for each way this model cannot be split as the layout asks.
+
+    Tensor parallel splits heads and MLP features evenly (a head is never cut in two);
+    pipeline parallel gives every stage at least one decoder layer.
+    """
+    problems: list[tuple[str, str]] = []
+    tp, pp = parallelism.tensor_parallel_size, parallelism.pipeline_parallel_size
+    for what, count in (
+        ("attention heads", model.attention_heads),
+        ("key/value heads", model.key_value_heads),
+        ("MLP intermediate size", model.intermediate_size),
+    ):
+        if count is not None and count % tp:
+            problems.append(
+                (
+                    "tensor_parallel_size",
+                    f"tensor_parallel_size {tp} must divide the model's {count} {what}: choose a divisor of {count}",
+                )
+            )
+    if model.layers is not None and pp > model.layers:
+        problems.append(
+            (
+                "pipeline_parallel_size",
+                f"pipeline_parallel_size {pp} is more than the model's {model.layers} decoder layers",
+            )
+        )
+    return problems
+
+
+def expert_parallel_fits(parallelism: AutomodelParallelism) -> bool:
+    """EP is carved out of the data × context parallel ranks, so it must divide them."""
+    ep = parallelism.expert_parallel_size or 1
+    return (data_parallel_size(parallelism) * parallelism.context_parallel_size) % ep == 0
+
+
 def compute_layout(spec: AutomodelSpec | UnslothSpec) -> Layout:
     """The layout of a valid backend section; raises LayoutError on an invalid one."""
     if isinstance(spec, UnslothSpec):

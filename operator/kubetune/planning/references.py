@@ -16,6 +16,7 @@ from kubetune.api.automodel import AutomodelSpec
 from kubetune.api.common import split_reference
 from kubetune.api.resources import FileSetSpec, ModelSpec, Source
 from kubetune.api.unsloth import UnslothSpec
+from kubetune.planning.layout import Architecture, architecture_problems
 
 RefKind = Literal["Model", "FileSet"]
 
@@ -201,3 +202,31 @@ def _check_models(section: AutomodelSpec | UnslothSpec, result: ReferenceCheck) 
                     "ExpertParallelDoesNotDivideExperts",
                 )
             )
+    if isinstance(model, ModelSpec):
+        _check_architecture(section, model, result)
+
+
+def _check_architecture(section: AutomodelSpec, model: ModelSpec, result: ReferenceCheck) -> None:
+    parallelism = section.parallelism
+    architecture = Architecture(model.numAttentionHeads, model.numKeyValueHeads, model.numLayers)
+    for field_name, message in architecture_problems(parallelism, architecture):
+        result.errors.append(
+            Finding(f"spec.automodel.parallelism.{field_name}", message + " (from the base Model's spec)", "ModelSplit")
+        )
+    unknown = [
+        f"{name} (spec.{fields})"
+        for name, size, known, fields in (
+            ("head counts", parallelism.tensor_parallel_size, model.numKeyValueHeads is not None, "numKeyValueHeads"),
+            ("layer count", parallelism.pipeline_parallel_size, model.numLayers is not None, "numLayers"),
+        )
+        if size > 1 and not known
+    ]
+    if unknown:
+        result.warnings.append(
+            Finding(
+                "spec.automodel.model",
+                f"the base Model does not declare its {' and '.join(unknown)}, so whether the layout can split "
+                "it is checked by the trainer when it reads the model's config.json, after the pods start",
+                "ModelSplitUnknown",
+            )
+        )

@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 from kubetune.api.resources import Source
 from kubetune.planning.dtypes import precision_matches_dtype
-from kubetune.planning.layout import batch_fits_data_parallel, gpus_fit_model_parallel
+from kubetune.planning.layout import batch_fits_data_parallel, expert_parallel_fits, gpus_fit_model_parallel
 
 Kind = Literal["CustomizationJob", "Model", "FileSet"]
 
@@ -136,6 +136,67 @@ RULES: tuple[Rule, ...] = (
         check=lambda p: (p.expert_parallel_size or 1) == 1 or p.tensor_parallel_size == 1,
         cel="!has(self.expert_parallel_size) || self.expert_parallel_size == 1 || self.tensor_parallel_size == 1",
         message="tensor_parallel_size must be 1 when expert_parallel_size > 1 (MoE expert parallelism)",
+    ),
+    Rule(
+        name="ExpertParallelDividesDataParallel",
+        kind="CustomizationJob",
+        section="automodel",
+        node="parallelism",
+        field="expert_parallel_size",
+        concerns=(
+            "parallelism.expert_parallel_size",
+            "parallelism.num_gpus_per_node",
+            "parallelism.num_nodes",
+            "parallelism.tensor_parallel_size",
+            "parallelism.pipeline_parallel_size",
+            "parallelism.context_parallel_size",
+        ),
+        check=lambda p: not gpus_fit_model_parallel(p) or expert_parallel_fits(p),
+        cel=(
+            f"!has(self.expert_parallel_size) || {_GPUS} % {_TP_PP_CP} != 0 || "
+            f"({_GPUS} / {_TP_PP_CP} * self.context_parallel_size) % self.expert_parallel_size == 0"
+        ),
+        message=(
+            "expert_parallel_size must divide data_parallel_size × context_parallel_size (the experts are "
+            "shared out among those ranks)"
+        ),
+    ),
+    Rule(
+        name="PipelineWithContextParallel",
+        kind="CustomizationJob",
+        section="automodel",
+        node="parallelism",
+        field="context_parallel_size",
+        concerns=("parallelism.pipeline_parallel_size", "parallelism.context_parallel_size"),
+        check=lambda p: p.pipeline_parallel_size == 1 or p.context_parallel_size == 1,
+        cel="self.pipeline_parallel_size == 1 || self.context_parallel_size == 1",
+        message=(
+            "pipeline and context parallel together are not supported by the trainer: set "
+            "context_parallel_size: 1 (or pipeline_parallel_size: 1)"
+        ),
+    ),
+    Rule(
+        name="ExpertParallelWithPipelineOrContext",
+        kind="CustomizationJob",
+        section="automodel",
+        node="parallelism",
+        field="expert_parallel_size",
+        concerns=(
+            "parallelism.expert_parallel_size",
+            "parallelism.pipeline_parallel_size",
+            "parallelism.context_parallel_size",
+        ),
+        check=lambda p: (
+            (p.expert_parallel_size or 1) == 1 or (p.pipeline_parallel_size == 1 and p.context_parallel_size == 1)
+        ),
+        cel=(
+            "!has(self.expert_parallel_size) || self.expert_parallel_size == 1 || "
+            "(self.pipeline_parallel_size == 1 && self.context_parallel_size == 1)"
+        ),
+        message=(
+            "expert parallel runs with data parallel only in the trainer: set pipeline_parallel_size and "
+            "context_parallel_size to 1 when expert_parallel_size > 1"
+        ),
     ),
     Rule(
         name="DistillationNeedsTeacher",

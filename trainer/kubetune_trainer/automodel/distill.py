@@ -19,18 +19,18 @@ Raises: as `sft.py`, plus `ModelError` when student and teacher vocabularies dif
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
-from torch import nn
 
 from kubetune.planning.resolved import ResolvedJob
-from kubetune_trainer.automodel.engine import Engine, LossFn, lora_settings, save_output, seed_everything, start_run
+from kubetune_trainer.automodel.engine import Engine, lora_settings, save_output, seed_everything, start_run
+from kubetune_trainer.automodel.steps import LossFn, make_runner
 from kubetune_trainer.automodel.teacher import FrozenTeacher
-from kubetune_trainer.batching import Batch
 from kubetune_trainer.checkpoint import Preemption
-from kubetune_trainer.config import ConfigError, RunOptions, automodel_section, check_supported
+from kubetune_trainer.config import ConfigError, RunOptions, automodel_section, check_model_split, check_supported
 from kubetune_trainer.data import load_splits
-from kubetune_trainer.distributed import init_world, shard, shutdown
+from kubetune_trainer.distributed import init_world, parallelize, shutdown
 from kubetune_trainer.losses import distillation_sums
 from kubetune_trainer.models import (
     DTYPES,
@@ -38,12 +38,15 @@ from kubetune_trainer.models import (
     add_lora,
     count_parameters,
     load_causal_lm,
+    load_config,
     load_tokenizer,
     local_model_path,
     pad_id,
     vocabulary_mismatch,
 )
 from kubetune_trainer.outputs import finished, result_path
+from kubetune_trainer.parallel.context import ContextParallel
+from kubetune_trainer.parallel.mesh import ParallelDims
 
 
 def run(job: ResolvedJob, options: RunOptions) -> Path:
@@ -51,7 +54,7 @@ def run(job: ResolvedJob, options: RunOptions) -> Path:
     training = section.training
     if job.paths.teacher_model is None:
         raise ConfigError("distillation needs paths.teacher_model (training.teacher_model resolved to a folder)")
-    world = init_world()
+    world = init_world(ParallelDims.from_layout(job.layout))
     try:
         check_supported(job, world.size)
         if finished(job.paths.output, job.output.name):
@@ -61,6 +64,7 @@ def run(job: ResolvedJob, options: RunOptions) -> Path:
             with Preemption() as preemption:
                 # 1. Load: tokenizers and data first (fail fast), then student and teacher.
                 model_path = local_model_path(job.paths.model, world)
+                check_model_split(job, load_config(model_path))
                 teacher_path = local_model_path(job.paths.teacher_model, world)
                 tokenizer = load_tokenizer(model_path)
                 teacher_tokenizer = load_tokenizer(teacher_path)
@@ -83,16 +87,18 @@ def run(job: ResolvedJob, options: RunOptions) -> Path:
                     )
 
                 # 2. Setup: the student as in SFT; the teacher frozen, on the device or streamed (teacher.py).
+                # Under context parallel the teacher sees the same slices as the student (same attention).
+                ContextParallel.from_mesh(world.mesh).apply(teacher)
                 frozen = FrozenTeacher(teacher, world.device, offload=training.offload_teacher)
                 lora = lora_settings(section)
                 if lora is not None:
                     model = add_lora(model, lora["rank"], lora["alpha"], lora["target_modules"])
                 model.config.use_cache = False  # type: ignore[union-attr]
                 model.to(world.device)
-                if world.distributed:
-                    model = shard(model, world)
-                loss_fn = _loss(frozen, world.device, training.distillation_ratio, training.distillation_temperature)
-                engine = Engine(ctx, model, loss_fn, splits, pad_id(tokenizer), lora is not None)
+                parallel = parallelize(model, world)
+                loss_fn = _loss(frozen, training.distillation_ratio, training.distillation_temperature)
+                runner = make_runner(parallel, loss_fn, world, pad_id(tokenizer))
+                engine = Engine(ctx, parallel, runner, splits, pad_id(tokenizer), lora is not None)
                 trainable, total = count_parameters(model)
                 for warning in splits.warnings:
                     engine.note(f"warning: {warning}")
@@ -124,12 +130,10 @@ def run(job: ResolvedJob, options: RunOptions) -> Path:
         shutdown(world)
 
 
-def _loss(teacher: FrozenTeacher, device: torch.device, ratio: float, temperature: float) -> LossFn:
-    def loss(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        inputs = batch.model_inputs(device)
+def _loss(teacher: FrozenTeacher, ratio: float, temperature: float) -> LossFn:
+    def loss(logits: torch.Tensor, labels: torch.Tensor, inputs: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
         teacher_logits = teacher.logits(inputs)  # in teacher_precision, outside the student's autocast
-        student_logits = model(**inputs).logits
-        total, kl, ce = distillation_sums(student_logits, teacher_logits, batch.labels.to(device), ratio, temperature)
+        total, kl, ce = distillation_sums(logits, teacher_logits, labels, ratio, temperature)
         return total, {"kl": kl.detach(), "ce": ce.detach()}
 
     return loss

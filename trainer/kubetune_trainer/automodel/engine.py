@@ -29,11 +29,22 @@ from torch import nn
 
 from kubetune.api.automodel import AutomodelSpec
 from kubetune.planning.resolved import ResolvedJob
-from kubetune_trainer.batching import Batch, StepSchedule, as_sequences, validation_batches
+from kubetune_trainer.automodel.steps import StepRunner
+from kubetune_trainer.batching import StepSchedule, as_sequences, validation_batches
 from kubetune_trainer.checkpoint import CheckpointStore, Preempted, Preemption, load_rng, save_rng
 from kubetune_trainer.config import RunOptions
 from kubetune_trainer.data import DataTooSmall, Splits
-from kubetune_trainer.distributed import World, all_sum, any_rank, barrier, broadcast_int, set_gradient_sync
+from kubetune_trainer.distributed import (
+    ParallelModel,
+    World,
+    all_sum,
+    any_rank,
+    barrier,
+    broadcast_int,
+    clip_gradients,
+    sum_over,
+)
+from kubetune_trainer.parallel.tensor import sum_partial_gradients
 from kubetune_trainer.progress import (
     EventKind,
     NullReporter,
@@ -42,9 +53,6 @@ from kubetune_trainer.progress import (
     Throughput,
 )
 from kubetune_trainer.reporters import job_reporter
-
-LossFn = Callable[[nn.Module, Batch], tuple[torch.Tensor, dict[str, torch.Tensor]]]
-"""(model, micro batch) -> (loss summed over label tokens, other sums to report)."""
 
 # A single process has no process group; DCP then saves and loads locally, as intended.
 warnings.filterwarnings("ignore", message="torch.distributed is (disabled, )?unavailable or uninitialized")
@@ -141,13 +149,14 @@ class Engine:
     def __init__(
         self,
         ctx: RunContext,
-        model: nn.Module,
-        loss_fn: LossFn,
+        parallel: ParallelModel,
+        runner: StepRunner,
         splits: Splits,
         pad_id: int,
         trainable_only: bool,
     ) -> None:
-        self.ctx, self.model, self.loss_fn = ctx, model, loss_fn
+        self.ctx, self.model, self.runner, self.parallel = ctx, parallel.module, runner, parallel
+        model = parallel.module
         self.trainable_only = trainable_only
         section, world = ctx.section, ctx.world
         batch = section.batch
@@ -158,13 +167,14 @@ class Engine:
                 f"the training set has {len(train_sequences)} {'packed sequences' if packing else 'examples'}, "
                 f"fewer than batch.global_batch_size {batch.global_batch_size}: add data or lower the batch size"
             )
-        dp = ctx.job.layout.data_parallel_size
+        # Ranks with the same dp coordinate (TP, CP and PP peers) train on the same sequences.
+        dp, dp_rank = ctx.job.layout.data_parallel_size, world.mesh.data_rank
         self.schedule = StepSchedule(
-            train_sequences, batch.global_batch_size, batch.micro_batch_size, world.rank, dp, ctx.seed, pad_id, packing
+            train_sequences, batch.global_batch_size, batch.micro_batch_size, dp_rank, dp, ctx.seed, pad_id, packing
         )
         assert self.schedule.accumulation == ctx.job.layout.gradient_accumulation_steps
         val_sequences = as_sequences(splits.validation, packing, length, ctx.seed)
-        self.val_batches = validation_batches(val_sequences, batch.micro_batch_size, world.rank, dp, pad_id, packing)
+        self.val_batches = validation_batches(val_sequences, batch.micro_batch_size, dp_rank, dp, pad_id, packing)
         self.plan = make_plan(section, self.schedule.steps_per_epoch, ctx.options.checkpoint_every)
         decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
         no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
@@ -283,44 +293,39 @@ class Engine:
     # ----------------------------------------------------------------- train / validate
 
     def _train_step(self) -> tuple[float, dict[str, float], int]:
-        world, device = self.ctx.world, self.ctx.world.device
+        world = self.ctx.world
         micro_batches = self.schedule.micro_batches(self.step)
-        labels, tokens = all_sum(
-            world, [sum(b.num_label_tokens for b in micro_batches), sum(b.num_tokens for b in micro_batches)]
+        # Counts of whole sequences: the same on TP/CP/PP peers, so summed over data parallel only.
+        labels, tokens = sum_over(
+            world, [sum(b.num_label_tokens for b in micro_batches), sum(b.num_tokens for b in micro_batches)], "dp"
         )
-        scale = world.size / max(labels, 1.0)  # FSDP averages gradients over ranks; undo that
-        self.model.train()
-        sums: dict[str, float] = {}
-        for index, batch in enumerate(micro_batches):
-            set_gradient_sync(self.model, index == len(micro_batches) - 1)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                loss_sum, extras = self.loss_fn(self.model, batch)
-            (loss_sum * scale).backward()  # type: ignore[no-untyped-call]
-            for key, value in {"loss": loss_sum, **extras}.items():
-                sums[key] = sums.get(key, 0.0) + float(value.detach())
-        torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], MAX_GRAD_NORM)
+        scale = self.parallel.gradient_divisor / max(labels, 1.0)  # FSDP averages gradients; undo that
+        sums = self.runner.train_step(micro_batches, scale)
+        sum_partial_gradients(self.parallel.partial_grad_params, world.mesh.group("tp"))
+        clip_gradients([p for p in self.model.parameters() if p.requires_grad], MAX_GRAD_NORM, world)
         self.lr = float(self.scheduler.get_last_lr()[0])  # the rate this step used
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        keys = sorted(sums)
-        totals = dict(zip(keys, all_sum(world, [sums[k] for k in keys]), strict=True))
-        means = {key: value / max(labels, 1.0) for key, value in totals.items()}
+        means = {key: value / max(labels, 1.0) for key, value in self._loss_totals(sums).items()}
         return means.pop("loss"), means, int(tokens)
+
+    def _loss_totals(self, sums: dict[str, float]) -> dict[str, float]:
+        """Loss sums of the whole step: every TP peer computed the same sums (count them once)."""
+        keys = sorted(sums)
+        totals = all_sum(self.ctx.world, [sums[k] for k in keys])
+        tp = self.ctx.world.mesh.dims.tp
+        return {key: value / tp for key, value in zip(keys, totals, strict=True)}
 
     @torch.no_grad()
     def validate(self) -> float | None:
-        world, device = self.ctx.world, self.ctx.world.device
+        world = self.ctx.world
         if not any_rank(world, bool(self.val_batches)):
             return None
-        self.model.eval()
-        loss_sum, labels = 0.0, 0
-        for batch in self.val_batches:
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                value, _ = self.loss_fn(self.model, batch)
-            loss_sum += float(value)
-            labels += batch.num_label_tokens
-        total, count = all_sum(world, [loss_sum, float(labels)])
+        loss_sum = sum(self.runner.evaluate(batch) for batch in self.val_batches)
+        labels = sum(batch.num_label_tokens for batch in self.val_batches)
+        total = self._loss_totals({"loss": loss_sum})["loss"]
+        count = sum_over(world, [float(labels)], "dp")[0]
         self.last_val_loss = total / count if count else None
         self._report("validation")
         return self.last_val_loss
@@ -369,7 +374,9 @@ class Engine:
 
     def describe(self) -> str:
         section, plan, layout = self.ctx.section, self.plan, self.ctx.job.layout
+        mesh = self.ctx.world.mesh.dims.describe()
         return (
+            f"layout {mesh}: "
             f"{section.training.training_type} / {section.training.finetuning_type}: {plan.total_steps} steps "
             f"({plan.steps_per_epoch} per epoch × {plan.num_epochs}), global batch {section.batch.global_batch_size} "
             f"= micro {section.batch.micro_batch_size} × DP {layout.data_parallel_size} × accumulation "

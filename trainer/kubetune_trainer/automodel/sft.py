@@ -23,25 +23,34 @@ Raises:
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
-from torch import nn
 
 from kubetune.planning.resolved import ResolvedJob
-from kubetune_trainer.automodel.engine import Engine, LossFn, lora_settings, save_output, seed_everything, start_run
-from kubetune_trainer.batching import Batch
+from kubetune_trainer.automodel.engine import Engine, lora_settings, save_output, seed_everything, start_run
+from kubetune_trainer.automodel.steps import make_runner
 from kubetune_trainer.checkpoint import Preemption
-from kubetune_trainer.config import RunOptions, automodel_section, check_supported
+from kubetune_trainer.config import RunOptions, automodel_section, check_model_split, check_supported
 from kubetune_trainer.data import load_splits
-from kubetune_trainer.distributed import init_world, shard, shutdown
+from kubetune_trainer.distributed import init_world, parallelize, shutdown
 from kubetune_trainer.losses import cross_entropy_sum
-from kubetune_trainer.models import add_lora, count_parameters, load_causal_lm, load_tokenizer, local_model_path, pad_id
+from kubetune_trainer.models import (
+    add_lora,
+    count_parameters,
+    load_causal_lm,
+    load_config,
+    load_tokenizer,
+    local_model_path,
+    pad_id,
+)
 from kubetune_trainer.outputs import finished, result_path
+from kubetune_trainer.parallel.mesh import ParallelDims
 
 
 def run(job: ResolvedJob, options: RunOptions) -> Path:
     section = automodel_section(job)
-    world = init_world()
+    world = init_world(ParallelDims.from_layout(job.layout))
     try:
         check_supported(job, world.size)
         if finished(job.paths.output, job.output.name):  # a restart after success: nothing to do
@@ -51,6 +60,7 @@ def run(job: ResolvedJob, options: RunOptions) -> Path:
             with Preemption() as preemption:
                 # 1. Load: tokenizer and every data row first, so bad data fails before the model loads.
                 model_path = local_model_path(job.paths.model, world)
+                check_model_split(job, load_config(model_path))
                 tokenizer = load_tokenizer(model_path)
                 splits = load_splits(
                     job.paths.training,
@@ -69,9 +79,9 @@ def run(job: ResolvedJob, options: RunOptions) -> Path:
                     model = add_lora(model, lora["rank"], lora["alpha"], lora["target_modules"])
                 model.config.use_cache = False  # type: ignore[union-attr]
                 model.to(world.device)
-                if world.distributed:
-                    model = shard(model, world)
-                engine = Engine(ctx, model, _loss(world.device), splits, pad_id(tokenizer), lora is not None)
+                parallel = parallelize(model, world)
+                runner = make_runner(parallel, _loss, world, pad_id(tokenizer))
+                engine = Engine(ctx, parallel, runner, splits, pad_id(tokenizer), lora is not None)
                 trainable, total = count_parameters(model)
                 for warning in splits.warnings:
                     engine.note(f"warning: {warning}")
@@ -92,9 +102,5 @@ def run(job: ResolvedJob, options: RunOptions) -> Path:
         shutdown(world)
 
 
-def _loss(device: torch.device) -> LossFn:
-    def loss(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        logits = model(**batch.model_inputs(device)).logits
-        return cross_entropy_sum(logits, batch.labels.to(device)), {}
-
-    return loss
+def _loss(logits: torch.Tensor, labels: torch.Tensor, inputs: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
+    return cross_entropy_sum(logits, labels), {}

@@ -265,8 +265,23 @@ def test_child_status_drives_the_phase_and_oom_is_reported(
 
 
 def test_success_creates_the_output_model(control_plane: ControlPlane, operator: OperatorProcess, refs: str) -> None:
-    apply(control_plane, refs, unsloth_job("done"))
+    job = unsloth_job("done")
+    job["spec"]["unsloth"]["output"]["description"] = "support bot, v1"
+    apply(control_plane, refs, job)
     wait_phase(control_plane, refs, "done", "Pending")
+    # the trainer's last progress patch (its RBAC allows exactly this) carries the final losses
+    control_plane.kubectl(
+        "patch",
+        "ctj",
+        "done",
+        "-n",
+        refs,
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        '{"status":{"progress":{"trainLoss":0.25,"valLoss":0.5}}}',
+        check=True,
+    )
     set_status(
         control_plane,
         refs,
@@ -299,6 +314,16 @@ def test_success_creates_the_output_model(control_plane: ControlPlane, operator:
     assert output["spec"]["adapter"] == {"baseModel": "base"}
     assert output["spec"]["source"] == {"pvc": {"claimName": "done-output", "path": "/done-adapter"}}
     assert output["spec"]["tokenizer"] == "llama3"
+    assert output["spec"]["description"] == "support bot, v1"
+    assert output["spec"]["training"] == {
+        "job": f"{refs}/done",
+        "baseModel": "base",
+        "backend": "unsloth",
+        "trainingType": "sft",
+        "finetuningType": "lora",
+        "finalLoss": 0.25,
+        "finalValLoss": 0.5,
+    }
 
 
 def test_suspend_and_resume(control_plane: ControlPlane, operator: OperatorProcess, refs: str) -> None:

@@ -81,6 +81,14 @@ class KubernetesStatusReporter:
     def close(self) -> None:
         self.flush()
 
+    def publish(self, status: dict[str, Any]) -> None:
+        """Merge other status fields now (e.g. `tracking`, the experiment runs' URLs); never raises."""
+        try:
+            self._patch({"status": status})
+        except (OSError, urllib.error.URLError) as error:
+            self.failures += 1
+            log.warning("could not report %s to %s: %s", ", ".join(status), self.url, error)
+
     def _patch(self, body: dict[str, Any]) -> None:
         request = urllib.request.Request(
             self.url,

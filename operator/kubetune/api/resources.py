@@ -56,6 +56,13 @@ class Source(Section):
     uri: Annotated[str, StringConstraints(pattern=r"^hf://[^/\s]+/[^/\s]+$", max_length=MAX_TEXT_LENGTH)] | None = (
         Field(None, description="A hub URI `hf://org/name`, downloaded when the network allows it.")
     )
+    tokenSecret: DnsLabel | None = Field(
+        None,
+        description=(
+            "For a `uri` source: a Secret in the namespace of the jobs that use it whose `HF_TOKEN` key is the "
+            "hub token (gated or private models); it reaches the trainer as HF_TOKEN via a secretKeyRef."
+        ),
+    )
 
 
 # --------------------------------------------------------------------------- Model / FileSet
@@ -63,6 +70,18 @@ class Source(Section):
 
 class Adapter(Section):
     baseModel: Reference = Field(description="The full-weight Model this LoRA adapter applies to.")
+
+
+class ModelTraining(Section):
+    """How a Model was made, filled by the operator on the Models its jobs create."""
+
+    job: ShortString = Field(description="The CustomizationJob that trained it (`namespace/name`).")
+    baseModel: ShortString = Field(description="The Model it was trained from (`name` or `workspace/name`).")
+    backend: Literal["automodel", "unsloth"] = Field(description="The trainer backend.")
+    trainingType: ShortString = Field(description="`sft` or `distillation`.")
+    finetuningType: ShortString = Field(description="`lora`, `lora_merged` or `all_weights`.")
+    finalLoss: float | None = Field(None, description="Training loss of the last step.")
+    finalValLoss: float | None = Field(None, description="The last validation loss.")
 
 
 class ModelSpec(Section):
@@ -88,6 +107,13 @@ class ModelSpec(Section):
     sharedWith: list[DnsLabel] | None = Field(
         None, max_length=MAX_LIST_ITEMS, description="Namespaces whose jobs may use this Model."
     )
+    description: str | None = Field(None, max_length=MAX_TEXT_LENGTH, description="What this model is.")
+    training: ModelTraining | None = Field(None, description="Present on Models created by a CustomizationJob.")
+
+
+DATA_FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
+"""The data file types of a FileSet, one list for both sides: the operator mounts a source path
+with one of these suffixes as a file, and the trainer reads exactly these (kubetune_trainer.data)."""
 
 
 class FileSetSpec(Section):
@@ -196,6 +222,15 @@ class OutputStatus(StatusModel):
     path: str | None = Field(None, max_length=MAX_TEXT_LENGTH)
 
 
+class TrackingStatus(StatusModel):
+    """Where the job's experiment-tracking runs are (written by the trainer when they start)."""
+
+    mlflowRunUrl: str | None = Field(None, max_length=MAX_TEXT_LENGTH, description="The MLflow run's page.")
+    wandbRunUrl: str | None = Field(
+        None, max_length=MAX_TEXT_LENGTH, description="The W&B run's page (a file:// folder for an offline run)."
+    )
+
+
 class MemoryStatus(StatusModel):
     """GPU memory per GPU estimated before launch (kubetune.planning.memory), in GiB."""
 
@@ -221,6 +256,7 @@ class CustomizationJobStatus(StatusModel):
     layout: LayoutStatus | None = None
     progress: ProgressStatus | None = None
     output: OutputStatus | None = None
+    tracking: TrackingStatus | None = None
     memoryEstimate: MemoryStatus | None = None
 
 

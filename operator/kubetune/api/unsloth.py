@@ -68,7 +68,8 @@ class UnslothLora(Section):
     alpha: int = Field(16, gt=0, le=65536, description="LoRA scaling factor.")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="LoRA dropout probability.")
     target_modules: list[ModuleName] = Field(
-        default_factory=lambda: list(UNSLOTH_TARGET_MODULES),
+        # A plain default (pydantic copies it per instance), so the live schema and the CRD show it.
+        list(UNSLOTH_TARGET_MODULES),
         min_length=1,
         max_length=MAX_LIST_ITEMS,
         description="Modules to adapt; defaults to Unsloth's 7-module set (q/k/v/o and gate/up/down projections).",

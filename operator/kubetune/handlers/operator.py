@@ -131,7 +131,11 @@ def register(registry: kopf.OperatorRegistry, config: OperatorSettings) -> None:
                 raise kopf.AdmissionError(IMMUTABLE_MESSAGE, code=422)
             op = _op(memo)
             report, _ = validate_with_references(
-                op.kube, manifest_of(body), op.settings.gpu_memory_gib, op.settings.allowed_host_paths
+                op.kube,
+                manifest_of(body),
+                op.settings.gpu_memory_gib,
+                op.settings.allowed_host_paths,
+                op.settings.gpu_type,
             )
             if not report.valid:
                 metrics.VALIDATION_FAILURES.labels(reason=report.errors[0].reason).inc()

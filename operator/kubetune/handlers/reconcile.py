@@ -28,7 +28,7 @@ from kubetune.planning.lifecycle import ChildState, batch_job_state, condition, 
 from kubetune.planning.memory import estimate_from_resolved
 from kubetune.planning.memory_check import check_memory, memory_report
 from kubetune.planning.references import Catalog, ObjectKey, cluster_source_problem, reference_uses
-from kubetune.planning.resolved import base_model_reference, output_name, output_type
+from kubetune.planning.resolved import base_model_reference, output_model_details, output_name, output_type
 from kubetune.planning.validation import JobReport, validate_fileset, validate_job, validate_model
 from kubetune.render.children import ChildNames, JobInput, render_children
 
@@ -84,17 +84,21 @@ def catalog_for(kube: Kube, report: JobReport, allowed_host_paths: Sequence[str]
 
 
 def validate_with_references(
-    kube: Kube, manifest: Mapping[str, Any], gpu_memory_gib: float | None = None, allowed_host_paths: Sequence[str] = ()
+    kube: Kube,
+    manifest: Mapping[str, Any],
+    gpu_memory_gib: float | None = None,
+    allowed_host_paths: Sequence[str] = (),
+    gpu_type: str | None = None,
 ) -> tuple[JobReport, dict[str, Any] | None]:
     """The full validation: schema, rules, references, and the memory pre-flight.
 
     Returns the report and `status.memoryEstimate` (None when numParameters is unknown). A job
     that cannot fit the configured GPU size is an error; one that may not fit, a warning.
     """
-    report = validate_job(manifest)
+    report = validate_job(manifest, gpu_type=gpu_type)
     if not report.valid:
         return report, None
-    report = validate_job(manifest, catalog_for(kube, report, allowed_host_paths))
+    report = validate_job(manifest, catalog_for(kube, report, allowed_host_paths), gpu_type)
     section = report.section
     if not report.valid or section is None or report.layout is None or report.references is None:
         return report, None
@@ -118,7 +122,7 @@ def launch(op: Operator, body: Mapping[str, Any]) -> dict[str, Any]:
     if status.get("phase") in TERMINAL_PHASES:
         return {}  # a finished job is never relaunched
     report, memory = validate_with_references(
-        op.kube, manifest_of(body), op.settings.gpu_memory_gib, op.settings.allowed_host_paths
+        op.kube, manifest_of(body), op.settings.gpu_memory_gib, op.settings.allowed_host_paths, op.settings.gpu_type
     )
     conditions = status.get("conditions")
     if not report.valid:
@@ -314,6 +318,7 @@ def record_output(op: Operator, job: Mapping[str, Any], spec: CustomizationJobSp
         model_spec["adapter"] = {"baseModel": base_ref}
     elif base_spec.get("numParameters"):
         model_spec["numParameters"] = base_spec["numParameters"]
+    model_spec.update(output_model_details(section, f"{namespace}/{name}", (job.get("status") or {}).get("progress")))
     model = {
         "apiVersion": GROUP_VERSION,
         "kind": "Model",

@@ -27,6 +27,9 @@ class OperatorSettings:
     gpu_memory_gib: float | None = None
     """Memory of one GPU on this cluster (KUBETUNE_GPU_MEMORY_GIB). With it, the memory
     pre-flight warns on jobs that may not fit and refuses those that cannot."""
+    gpu_type: str | None = None
+    """The cluster's GPU type (KUBETUNE_GPU_TYPE, e.g. A100, T4). With it, jobs asking for bf16 on a
+    type without bf16 are refused (kubetune.planning.dtypes)."""
     webhook: bool = False
     """Serve the validating admission webhook (KUBETUNE_WEBHOOK=true). Off by default because it
     needs a Service and a certificate; the same checks run at every reconcile either way."""
@@ -135,6 +138,7 @@ def settings_from_env(env: Mapping[str, str] | None = None) -> OperatorSettings:
         namespaces=namespaces,
         metrics_port=_int(env, "KUBETUNE_METRICS_PORT", 8080),
         gpu_memory_gib=_float(env, "KUBETUNE_GPU_MEMORY_GIB", None),
+        gpu_type=env.get("KUBETUNE_GPU_TYPE") or None,
         webhook=_bool(env, "KUBETUNE_WEBHOOK", False),
         webhook_managed=_bool(env, "KUBETUNE_WEBHOOK_MANAGED", False),
         webhook_host=env.get("KUBETUNE_WEBHOOK_HOST") or None,

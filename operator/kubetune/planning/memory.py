@@ -40,9 +40,10 @@ Formula (P = numParameters, W = world size = DP × TP × PP × CP, bytes per GiB
       offloaded (unsloth "unsloth"): one layer's full activations + its input
       logits: s·b·V·12 bytes (16-bit logits, fp32 copy and gradient for the loss);
               unsloth's chunked cross-entropy: s·b·V·4
-    teacher (distillation): T·p/W (p = 2 for bf16/fp16, 4 for fp32; sharded like the student),
-             or one layer T·p/L_T when offload_teacher; plus its logits and the KD softmaxes
-             s·b·V·10 bytes. Floor: T·p/W, or 0 when offloaded.
+    teacher (distillation): T·p (p = 2 for bf16/fp16, 4 for fp32; every rank holds a full,
+             unsharded copy, as the trainer does), or one layer T·p/L_T when offload_teacher
+             (the trainer streams it layer by layer); plus its logits and the KD softmaxes
+             s·b·V·10 bytes. Floor: T·p, or 0 when offloaded.
     overhead: CUDA context 1 GiB, NCCL 0.5 GiB when W > 1, and FSDP2's all-gathered 16-bit
               copy of two layers (current + prefetch) when DP·CP > 1: 2 · 2·(P/L)/t.
 
@@ -358,14 +359,23 @@ def _activations(inputs: MemoryInputs, layout: Layout, hidden: float, layers: in
     return acts
 
 
+def teacher_weight_bytes(inputs: MemoryInputs) -> float:
+    """Teacher weights on one GPU: a whole, unsharded copy (every rank holds one), or one layer
+    when offloaded (kubetune_trainer/automodel/teacher.py streams it layer by layer)."""
+    if inputs.teacher_parameters is None:
+        return 0.0
+    t = float(inputs.teacher_parameters)
+    return inputs.teacher_bytes * t / (_shape(t)[1] if inputs.offload_teacher else 1)
+
+
 def _teacher(inputs: MemoryInputs, layout: Layout, notes: dict[str, str]) -> tuple[float, float]:
     """(bytes, floor bytes) of the frozen teacher of a distillation job."""
     if inputs.teacher_parameters is None:
         return 0.0, 0.0
     t = float(inputs.teacher_parameters)
-    t_hidden, t_layers = _shape(t)
+    t_hidden, _ = _shape(t)
     tokens = inputs.seq_len / layout.context_parallel_size * inputs.micro_batch
-    weights = inputs.teacher_bytes * t / (t_layers if inputs.offload_teacher else layout.world_size)
+    weights = teacher_weight_bytes(inputs)
     # no_grad forward: one layer's working set, then its logits and the two KD softmaxes
     working = tokens * t_hidden * 34.0 + tokens * ASSUMED_VOCAB * TEACHER_LOGIT_BYTES
     notes["teacher"] = f"{_count(t)} params × {inputs.teacher_bytes:.0f} bytes" + (

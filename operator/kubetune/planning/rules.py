@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from kubetune.api.resources import Source
+from kubetune.planning.dtypes import precision_matches_dtype
 from kubetune.planning.layout import batch_fits_data_parallel, expert_parallel_fits, gpus_fit_model_parallel
 
 Kind = Literal["CustomizationJob", "Model", "FileSet"]
@@ -284,6 +285,24 @@ RULES: tuple[Rule, ...] = (
         check=lambda spec: not spec.output.save_method.startswith("merged_") or spec.training.finetuning_type == "lora",
         cel="!self.output.save_method.startsWith('merged_') || self.training.finetuning_type == 'lora'",
         message="merged_16bit and merged_4bit merge a LoRA adapter: use them only with finetuning_type: lora",
+    ),
+    Rule(
+        name="PrecisionMatchesDtype",
+        kind="CustomizationJob",
+        section="unsloth",
+        node="",
+        field="hardware.precision",
+        concerns=("hardware.precision", "model.dtype"),
+        check=lambda spec: precision_matches_dtype(spec.hardware.precision, spec.model.dtype),
+        cel=(
+            "self.model.dtype == 'auto' || self.model.dtype == 'float32' || "
+            "(self.hardware.precision == 'bf16' ? self.model.dtype == 'bfloat16' : self.model.dtype == 'float16')"
+        ),
+        message=(
+            "hardware.precision and model.dtype disagree: bf16 training needs model.dtype auto, bfloat16 or "
+            "float32, fp16 training needs auto, float16 or float32 (fp16 weights cannot train in bf16, nor bf16 "
+            "weights in fp16); change spec.unsloth.hardware.precision or spec.unsloth.model.dtype"
+        ),
     ),
     Rule(
         name="WarmupIsExclusive",

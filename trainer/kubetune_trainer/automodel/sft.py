@@ -60,7 +60,7 @@ def run(job: ResolvedJob, options: RunOptions) -> Path:
         try:
             with Preemption() as preemption:
                 # 1. Load: tokenizer and every data row first, so bad data fails before the model loads.
-                model_path = local_model_path(job.paths.model)
+                model_path = local_model_path(job.paths.model, world)
                 check_model_split(job, load_config(model_path))
                 tokenizer = load_tokenizer(model_path)
                 splits = load_splits(

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
+import signal
 import sys
 import tempfile
 import threading
@@ -215,11 +217,27 @@ def floor(cp: ControlPlane, count: int, workers: int) -> Row:
     return Row(f"floor, {count} jobs", latencies, wall)
 
 
+def save_profile(pid: int, out: Path, log: Path) -> None:
+    """Ask the profiled operator for its profile (SIGUSR1) and print its summary."""
+    out.unlink(missing_ok=True)
+    os.kill(pid, signal.SIGUSR1)
+    deadline = time.monotonic() + 300
+    while not out.exists() and time.monotonic() < deadline:
+        time.sleep(1)
+    text = log.read_text(errors="replace")
+    print(text[text.rfind("Ordered by: internal time") - 200 :])
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--jobs", type=int, default=200)
     parser.add_argument("--workers", type=int, default=settings_from_env({}).workers, help="handler threads")
     parser.add_argument("--profile", type=Path, help="run the operator under yappi; write pstats here")
+    parser.add_argument(
+        "--operator-from",
+        type=Path,
+        help="run the operator of another checkout (e.g. main) against this bench, for a before/after",
+    )
     args = parser.parse_args()
     rows: list[Row] = []
     command = None
@@ -231,7 +249,11 @@ def main() -> int:
         config.load_kube_config(str(cp.kubeconfig))
         custom, core = client.CustomObjectsApi(), client.CoreV1Api()
         log = Path(tmp) / "operator.log"
-        with operator_process(cp, log, command, KUBETUNE_WORKERS=str(args.workers)) as operator:
+        env = {"KUBETUNE_WORKERS": str(args.workers)}
+        if args.operator_from:
+            checkout = args.operator_from.resolve()
+            env["PYTHONPATH"] = f"{checkout / 'operator'}:{checkout / 'trainer'}"
+        with operator_process(cp, log, command, **env) as operator:
             assert operator.process is not None
             rss = PeakRss(operator.process.pid)
             for label, count in (("1 job", 1), (f"{args.jobs} jobs at once", args.jobs)):
@@ -241,8 +263,8 @@ def main() -> int:
                 latencies = launch(namespace, [f"job-{i:04d}" for i in range(count)], custom)
                 rows.append(Row(label, latencies, time.monotonic() - started))
             peak = rss.stop()
-        if args.profile:
-            print(log.read_text(errors="replace")[-30000:])
+            if args.profile:
+                save_profile(operator.process.pid, args.profile, log)
         rows.append(floor(cp, args.jobs, args.workers))
     burst, base = rows[1], rows[2]
     print(f"\noperator launch latency (create request -> PyTorchJob seen), real kube-apiserver {cp.bin_dir.name}")

@@ -1,35 +1,42 @@
 """`kubetune operator` under yappi (every thread: kopf's event loop and its handler threads).
 
-`bench/operator_launch.py --profile OUT` starts the operator through this file; on SIGTERM
-kopf stops, and the profile is written as pstats to OUT (read it with `python -m pstats OUT`)
-and the top functions by own time are printed into the operator's log.
+`bench/operator_launch.py --profile OUT` starts the operator through this file and sends it
+SIGUSR1 when the bursts are done: the profile so far is written as pstats to OUT (read it
+with `python -m pstats OUT`) and the top functions are printed into the operator's log.
 """
 
 from __future__ import annotations
 
 import io
+import os
 import pstats
+import signal
 import sys
+import threading
 
 import yappi
 
 from kubetune.handlers.operator import run
 
 
+def dump(out: str) -> None:
+    yappi.stop()
+    partial = f"{out}.partial"
+    yappi.get_func_stats().save(partial, type="pstat")
+    text = io.StringIO()
+    pstats.Stats(partial, stream=text).sort_stats("tottime").print_stats(40)
+    pstats.Stats(partial, stream=text).sort_stats("cumulative").print_stats(60)
+    print(text.getvalue(), flush=True)
+    os.replace(partial, out)  # appears whole: the bench waits for it
+
+
 def main() -> int:
     out = sys.argv[1]
+    # A handler thread, not kopf's event loop: kopf owns SIGTERM/SIGINT, never SIGUSR1.
+    signal.signal(signal.SIGUSR1, lambda *_: threading.Thread(target=dump, args=(out,)).start())
     yappi.set_clock_type("cpu")  # where the CPU goes; the 2-core machine is CPU-bound under a burst
     yappi.start(builtins=False)
-    try:
-        run()
-    finally:
-        yappi.stop()
-        stats = yappi.get_func_stats()
-        stats.save(out, type="pstat")
-        text = io.StringIO()
-        pstats.Stats(out, stream=text).sort_stats("tottime").print_stats(40)
-        pstats.Stats(out, stream=text).sort_stats("cumulative").print_stats(60)
-        print(text.getvalue(), flush=True)
+    run()
     return 0
 
 

@@ -44,7 +44,7 @@ class OperatorSettings:
     """CA that signed the serving certificate; written into the ValidatingWebhookConfiguration."""
     reference_retry_seconds: float = 30.0
     """How often a job waiting for a missing Model/FileSet re-checks, besides the watch on them."""
-    workers: int = 6
+    workers: int = 16
     """Threads that run handlers at once (KUBETUNE_WORKERS): each handler mostly waits on the API
     server, so more threads than cores keep a burst of jobs moving."""
     peering: str | None = None
@@ -135,7 +135,7 @@ def settings_from_env(env: Mapping[str, str] | None = None) -> OperatorSettings:
         webhook_key_file=env.get("KUBETUNE_WEBHOOK_KEY_FILE") or None,
         webhook_ca_file=env.get("KUBETUNE_WEBHOOK_CA_FILE") or None,
         reference_retry_seconds=_float(env, "KUBETUNE_REFERENCE_RETRY_SECONDS", 30.0) or 30.0,
-        workers=_int(env, "KUBETUNE_WORKERS", 6),
+        workers=_int(env, "KUBETUNE_WORKERS", 16),
         peering=env.get("KUBETUNE_PEERING") or None,
         peering_lifetime_seconds=_int(env, "KUBETUNE_PEERING_LIFETIME", 60),
         verbose=_bool(env, "KUBETUNE_VERBOSE", False),

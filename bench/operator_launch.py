@@ -224,8 +224,7 @@ def save_profile(pid: int, out: Path, log: Path) -> None:
     deadline = time.monotonic() + 300
     while not out.exists() and time.monotonic() < deadline:
         time.sleep(1)
-    text = log.read_text(errors="replace")
-    print(text[text.rfind("Ordered by: internal time") - 200 :])
+    print(out.read_text(errors="replace") if out.suffix == ".txt" else log.read_text(errors="replace")[-12000:])
 
 
 def main() -> int:
@@ -233,6 +232,8 @@ def main() -> int:
     parser.add_argument("--jobs", type=int, default=200)
     parser.add_argument("--workers", type=int, default=settings_from_env({}).workers, help="handler threads")
     parser.add_argument("--profile", type=Path, help="run the operator under yappi; write pstats here")
+    parser.add_argument("--profile-memory", type=Path, help="run the operator under tracemalloc; write its top here")
+    parser.add_argument("--no-floor", action="store_true", help="skip the floor (e.g. for a memory-only run)")
     parser.add_argument(
         "--operator-from",
         type=Path,
@@ -241,8 +242,10 @@ def main() -> int:
     args = parser.parse_args()
     rows: list[Row] = []
     command = None
-    if args.profile:
-        command = [sys.executable, str(ROOT / "bench" / "profiled_operator.py"), str(args.profile.resolve())]
+    profile = args.profile or args.profile_memory
+    if profile:
+        command = [sys.executable, str(ROOT / "bench" / "profiled_operator.py"), str(profile.resolve())]
+        command += ["--memory"] if args.profile_memory else []
     with tempfile.TemporaryDirectory() as tmp, running(find_bin_dir(), Path(tmp)) as cp:
         install_manifests(cp, crd_files())
         install_peering(cp)
@@ -263,10 +266,10 @@ def main() -> int:
                 latencies = launch(namespace, [f"job-{i:04d}" for i in range(count)], custom)
                 rows.append(Row(label, latencies, time.monotonic() - started))
             peak = rss.stop()
-            if args.profile:
-                save_profile(operator.process.pid, args.profile, log)
-        rows.append(floor(cp, args.jobs, args.workers))
-    burst, base = rows[1], rows[2]
+            if profile:
+                save_profile(operator.process.pid, profile, log)
+        if not args.no_floor:
+            rows.append(floor(cp, args.jobs, args.workers))
     print(f"\noperator launch latency (create request -> PyTorchJob seen), real kube-apiserver {cp.bin_dir.name}")
     print(f"{'scenario':<22} {'jobs':>5} {'p50 s':>8} {'p95 s':>8} {'p99 s':>8} {'max s':>8} {'jobs/s':>8}")
     for row in rows:
@@ -275,7 +278,9 @@ def main() -> int:
             f"{row.label:<22} {count:>5} {row.p(50):>8.3f} {row.p(95):>8.3f} {row.p(99):>8.3f} "
             f"{max(row.latencies):>8.3f} {count / row.wall:>8.1f}"
         )
-    print(f"p99 / floor: {burst.p(99) / base.p(99):.2f}×  ({args.workers} handler threads, floor as many)")
+    if not args.no_floor:
+        burst, base = rows[1], rows[2]
+        print(f"p99 / floor: {burst.p(99) / base.p(99):.2f}×  ({args.workers} handler threads, floor as many)")
     print(f"operator peak RSS: {peak / 2**20:.0f} MiB")
     return 0
 

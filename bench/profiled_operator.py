@@ -3,6 +3,7 @@
 `bench/operator_launch.py --profile OUT` starts the operator through this file and sends it
 SIGUSR1 when the bursts are done: the profile so far is written as pstats to OUT (read it
 with `python -m pstats OUT`) and the top functions are printed into the operator's log.
+With `--memory` (the bench's `--profile-memory`), tracemalloc's live allocations instead.
 """
 
 from __future__ import annotations
@@ -13,10 +14,26 @@ import pstats
 import signal
 import sys
 import threading
+import tracemalloc
 
 import yappi
 
 from kubetune.handlers.operator import run
+
+
+def dump_memory(out: str) -> None:
+    """The live Python allocations, by the line that made them (`--profile-memory`)."""
+    snapshot = tracemalloc.take_snapshot()
+    lines = [str(stat) for stat in snapshot.statistics("lineno")[:40]]
+    lines += ["", "by traceback:"]
+    for stat in snapshot.statistics("traceback")[:8]:
+        lines += [str(stat), *stat.traceback.format(limit=12)]
+    text = "\n".join(lines)
+    print(text, flush=True)
+    partial = f"{out}.partial"
+    with open(partial, "w", encoding="utf-8") as file:
+        file.write(text)
+    os.replace(partial, out)
 
 
 def dump(out: str) -> None:
@@ -31,11 +48,15 @@ def dump(out: str) -> None:
 
 
 def main() -> int:
-    out = sys.argv[1]
+    out, memory = sys.argv[1], sys.argv[2:] == ["--memory"]
     # A handler thread, not kopf's event loop: kopf owns SIGTERM/SIGINT, never SIGUSR1.
-    signal.signal(signal.SIGUSR1, lambda *_: threading.Thread(target=dump, args=(out,)).start())
-    yappi.set_clock_type("cpu")  # where the CPU goes; the 2-core machine is CPU-bound under a burst
-    yappi.start(builtins=False)
+    target = dump_memory if memory else dump
+    signal.signal(signal.SIGUSR1, lambda *_: threading.Thread(target=target, args=(out,)).start())
+    if memory:
+        tracemalloc.start(12)
+    else:
+        yappi.set_clock_type("cpu")  # where the CPU goes; the 2-core machine is CPU-bound under a burst
+        yappi.start(builtins=False)
     run()
     return 0
 

@@ -449,7 +449,8 @@ def test_gpu_size_must_be_positive() -> None:
 
 def test_status_and_json_shapes() -> None:
     result = estimate_of(automodel("lora", 2), 8 * B)
-    assert set(result.as_status()) == {
+    assert result.as_status().wire()["totalGiB"] == result.as_dict()["total_gib"]
+    assert set(result.as_status().wire()) == {
         "weightsGiB",
         "gradientsGiB",
         "optimizerGiB",
@@ -475,5 +476,5 @@ def test_memory_report(gpu: float | None, expected_keys: set[str]) -> None:
     result = estimate_of(automodel("lora"), 8 * B)
     report = memory_report(result, gpu)
     assert report is not None
-    assert set(report) - set(result.as_status()) == expected_keys
+    assert set(report.wire()) - set(result.as_status().wire()) == expected_keys
     assert memory_report(None, gpu) is None

@@ -9,6 +9,7 @@ every child that kubetune/render/children.py renders.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 import subprocess
 from pathlib import Path
@@ -20,6 +21,7 @@ import yaml
 from kubetune.api.resources import CustomizationJobSpec, Source
 from kubetune.cli.documents import load_files
 from kubetune.cli.render import run_render
+from kubetune.handlers.peering import DEFAULT_NAME as DEFAULT_PEERING
 from kubetune.handlers.settings import OperatorSettings, SettingsError, settings_from_env
 from kubetune.planning.layout import compute_layout
 from kubetune.render.children import JobInput, render_children
@@ -255,8 +257,10 @@ def test_malformed_trainer_resources_are_refused(value: str) -> None:
 
 
 def test_chart_defaults_match_the_operator_defaults() -> None:
-    # A chart that says nothing must run the operator exactly as its own defaults would.
-    assert settings_from_env(container_env(find(template(), "Deployment"))) == OperatorSettings()
+    # A chart that says nothing must run the operator exactly as its own defaults would, except
+    # that it names the peering object it creates (so a missing one is an error, not standalone).
+    chart = settings_from_env(container_env(find(template(), "Deployment")))
+    assert chart == dataclasses.replace(OperatorSettings(), peering=DEFAULT_PEERING)
 
 
 # --------------------------------------------------------------------------- the pod

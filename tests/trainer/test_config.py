@@ -112,7 +112,7 @@ EVENT = ProgressEvent(
 
 
 def test_events_map_to_the_job_status_shape() -> None:
-    status = EVENT.to_status()
+    status = EVENT.to_status().wire()
     assert status["percentageDone"] == 25.0 and status["trainLoss"] == 1.25 and status["maxSteps"] == 20
     assert "valLoss" not in status and status["updatedAt"].endswith("Z")
 

@@ -73,7 +73,7 @@ class KubernetesStatusReporter:
         event, self._pending = self._pending, None
         self._last_sent = time.monotonic()
         try:
-            self._patch({"status": {"progress": event.to_status()}})
+            self._patch({"status": {"progress": event.to_status().wire()}})
         except (OSError, urllib.error.URLError) as error:  # HTTPError is a URLError
             self.failures += 1
             log.warning("could not report progress to %s: %s", self.url, error)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 
+from kubetune.api.resources import TrackingStatus
 from kubetune.planning.resolved import ResolvedJob
 from kubetune_trainer.config import RunOptions
 from kubetune_trainer.kube_status import reporter_from_env
@@ -34,5 +35,6 @@ def job_reporter(job: ResolvedJob, options: RunOptions) -> MultiReporter:
     for name, url in urls.items():  # in the log of `kubetune run` and of the pod
         print(f"kubetune: {name} run: {url}", file=sys.stderr, flush=True)
     if cluster is not None and urls:
-        cluster.publish({"tracking": {f"{name}RunUrl": url for name, url in urls.items()}})
+        tracking = TrackingStatus(mlflowRunUrl=urls.get("mlflow"), wandbRunUrl=urls.get("wandb"))
+        cluster.publish({"tracking": tracking.wire()})
     return MultiReporter([*reporters, *trackers.values()])

@@ -6,7 +6,7 @@ The backend sections keep NeMo Customizer's snake_case names; everything Kuberne
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
@@ -177,9 +177,18 @@ class CustomizationJobSpec(Section):
 
 
 class StatusModel(BaseModel):
-    """Status is written by the operator: lenient about extra keys (kopf keeps its own there)."""
+    """Status is written by the operator: lenient about extra keys (kopf keeps its own there).
+
+    Everything the operator and the trainer write into `status` is built from these models and
+    sent as `wire()`: the one way to write status.
+    """
 
     model_config = ConfigDict(extra="allow")
+
+    def wire(self) -> dict[str, Any]:
+        """The JSON sent in a status merge patch: camelCase, and no key for what is unknown
+        (None), so a patch never erases a value another writer put there."""
+        return self.model_dump(mode="json", exclude_none=True)
 
 
 class Condition(StatusModel):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -19,7 +19,14 @@ from typing import Any
 import kopf
 
 from kubetune.api.common import GROUP_VERSION
-from kubetune.api.resources import TERMINAL_PHASES, CustomizationJobSpec
+from kubetune.api.resources import (
+    TERMINAL_PHASES,
+    CustomizationJobSpec,
+    CustomizationJobStatus,
+    MemoryStatus,
+    OutputStatus,
+    Phase,
+)
 from kubetune.handlers.events import announce_phase
 from kubetune.handlers.kube import Kube
 from kubetune.handlers.metrics import LAUNCH_LATENCY, PHASES, VALIDATION_FAILURES
@@ -89,7 +96,7 @@ def validate_with_references(
     gpu_memory_gib: float | None = None,
     allowed_host_paths: Sequence[str] = (),
     gpu_type: str | None = None,
-) -> tuple[JobReport, dict[str, Any] | None]:
+) -> tuple[JobReport, MemoryStatus | None]:
     """The full validation: schema, rules, references, and the memory pre-flight.
 
     Returns the report and `status.memoryEstimate` (None when numParameters is unknown). A job
@@ -114,13 +121,13 @@ def _errors_text(report: JobReport) -> str:
     return "; ".join(f"{error.path}: {error.message}" for error in report.errors)
 
 
-def launch(op: Operator, body: Mapping[str, Any]) -> dict[str, Any]:
+def launch(op: Operator, body: Mapping[str, Any]) -> CustomizationJobStatus:
     """Validate, resolve and create the children; returns the status to merge."""
     meta = body["metadata"]
     name, namespace, uid = meta["name"], meta.get("namespace", "default"), meta["uid"]
     status = dict(body.get("status") or {})
     if status.get("phase") in TERMINAL_PHASES:
-        return {}  # a finished job is never relaunched
+        return CustomizationJobStatus()  # a finished job is never relaunched
     report, memory = validate_with_references(
         op.kube, manifest_of(body), op.settings.gpu_memory_gib, op.settings.allowed_host_paths, op.settings.gpu_type
     )
@@ -129,18 +136,18 @@ def launch(op: Operator, body: Mapping[str, Any]) -> dict[str, Any]:
         reason = report.errors[0].reason
         VALIDATION_FAILURES.labels(reason=reason).inc()
         PHASES.set(uid, "Failed", report.backend or "unknown")
-        return {
-            "phase": "Failed",
-            "backend": report.backend,
-            **({"memoryEstimate": memory} if memory else {}),
-            "conditions": merge_conditions(
+        return CustomizationJobStatus(
+            phase="Failed",
+            backend=report.backend,
+            memoryEstimate=memory,
+            conditions=merge_conditions(
                 conditions,
                 [
                     condition("Validated", False, reason, _errors_text(report)),
                     condition("Failed", True, reason, _errors_text(report)),
                 ],
             ),
-        }
+        )
     assert report.spec is not None and report.layout is not None and report.references is not None
     backend = report.spec.backend
     if report.references.missing:
@@ -150,17 +157,17 @@ def launch(op: Operator, body: Mapping[str, Any]) -> dict[str, Any]:
         )
         # The job waits: a timer re-checks Created jobs, and a new Model/FileSet nudges them.
         PHASES.set(uid, "Created", backend or "unknown")
-        return {
-            "phase": "Created",
-            "backend": backend,
-            "conditions": merge_conditions(
+        return CustomizationJobStatus(
+            phase="Created",
+            backend=backend,
+            conditions=merge_conditions(
                 conditions,
                 [
                     condition("Validated", True, "Valid", "the job is valid"),
                     condition("ReferencesResolved", False, "ReferenceNotFound", message),
                 ],
             ),
-        }
+        )
 
     sources = {role: target.source for role, target in report.references.resolved.items()}
     job = JobInput(name, namespace, uid, report.spec, report.layout, sources)
@@ -176,12 +183,12 @@ def launch(op: Operator, body: Mapping[str, Any]) -> dict[str, Any]:
             LAUNCH_LATENCY.observe(max(0.0, (datetime.now(UTC) - started).total_seconds()))
     if not created_any:  # new children carry spec.suspend already; old ones may predate a change
         _sync_suspend(op, job)
-    phase = status.get("phase") if status.get("phase") not in (None, "Created") else "Pending"
+    phase: Phase = "Pending" if status.get("phase") in (None, "Created") else status["phase"]
     if report.spec.suspend:
         phase = "Suspended"
     elif phase == "Suspended":
         phase = "Pending"  # resumed: the trainer restarts from its newest checkpoint
-    PHASES.set(uid, str(phase), backend or "unknown")
+    PHASES.set(uid, phase, backend or "unknown")
     new_conditions = [
         condition("Validated", True, "Valid", "the job is valid"),
         condition("ReferencesResolved", True, "Resolved", "every Model and FileSet exists"),
@@ -194,24 +201,24 @@ def launch(op: Operator, body: Mapping[str, Any]) -> dict[str, Any]:
         ),
     ]
     memory_warnings = [w for w in report.warnings if w.reason == "MemoryTight"]
-    if memory is not None and "verdict" in memory:
+    if memory is not None and memory.verdict is not None:
         fits = not memory_warnings
         new_conditions.append(
             condition(
                 "MemoryFits",
                 fits,
                 "MemoryFits" if fits else "MemoryTight",
-                memory_warnings[0].message if memory_warnings else str(memory.get("message", "")),
+                memory_warnings[0].message if memory_warnings else memory.message or "",
             )
         )
-    return {
-        "phase": phase,
-        **({"memoryEstimate": memory} if memory else {}),
-        "backend": backend,
-        "layout": report.layout.as_status(),
-        "observedGeneration": meta.get("generation"),
-        "conditions": merge_conditions(conditions, new_conditions),
-    }
+    return CustomizationJobStatus(
+        phase=phase,
+        memoryEstimate=memory,
+        backend=backend,
+        layout=report.layout.as_status(),
+        observedGeneration=meta.get("generation"),
+        conditions=merge_conditions(conditions, new_conditions),
+    )
 
 
 def _check_owned(existing: Mapping[str, Any], uid: str, child: Mapping[str, Any]) -> None:
@@ -265,9 +272,10 @@ def follow(op: Operator, job: Mapping[str, Any]) -> None:
         return  # launch recreates it
     if spec.suspend and state.phase not in TERMINAL_PHASES:
         state = ChildState("Suspended", "Suspended", "suspended (spec.suspend: true)")
-    patch = _status_for(state, status)
+    new = _status_for(state, status)
     if state.phase == "Completed":
-        patch["output"] = record_output(op, job, spec)
+        new.output = record_output(op, job, spec)
+    patch = new.wire()
     if (
         patch.get("phase") == status.get("phase")
         and patch.get("conditions") == status.get("conditions")
@@ -279,7 +287,7 @@ def follow(op: Operator, job: Mapping[str, Any]) -> None:
     announce_phase(job, status, patch)
 
 
-def _status_for(state: ChildState, status: Mapping[str, Any]) -> dict[str, Any]:
+def _status_for(state: ChildState, status: Mapping[str, Any]) -> CustomizationJobStatus:
     new = [condition("Running", state.phase == "Running", state.reason, state.message)]
     if state.phase == "Completed":
         new = [
@@ -293,10 +301,10 @@ def _status_for(state: ChildState, status: Mapping[str, Any]) -> dict[str, Any]:
         ]
     elif state.phase == "Pending":
         new = [condition("Running", False, state.reason, state.message)]
-    return {"phase": state.phase, "conditions": merge_conditions(status.get("conditions"), new)}
+    return CustomizationJobStatus(phase=state.phase, conditions=merge_conditions(status.get("conditions"), new))
 
 
-def record_output(op: Operator, job: Mapping[str, Any], spec: CustomizationJobSpec) -> dict[str, Any]:
+def record_output(op: Operator, job: Mapping[str, Any], spec: CustomizationJobSpec) -> OutputStatus:
     """Create the output Model (adapter or full weights) that points at the result on the output claim."""
     meta = job["metadata"]
     name, namespace, uid = meta["name"], meta.get("namespace", "default"), meta["uid"]
@@ -332,22 +340,26 @@ def record_output(op: Operator, job: Mapping[str, Any], spec: CustomizationJobSp
     }
     # Not owned by the job: the trained model outlives it.
     op.kube.create_if_absent(model)
-    return {"name": result_name, "type": kind, "path": path}
+    return OutputStatus(name=result_name, type=kind, path=path)
 
 
-def nudge_waiting_jobs(op: Operator, kind: str, namespace: str, name: str) -> int:
+def waited_references(body: Mapping[str, Any]) -> dict[ObjectKey, tuple[str, str]]:
+    """For kopf's index of jobs not launched yet: each Model/FileSet the job names -> the job.
+
+    So that a new Model or FileSet nudges exactly the jobs that wait for it, without listing
+    (and validating) every job of the cluster on each Model/FileSet event.
+    """
+    manifest = manifest_of(body)
+    section = validate_job(manifest).section
+    if section is None:
+        return {}
+    job = (manifest["metadata"]["namespace"], manifest["metadata"]["name"])
+    return {use.key: job for use in reference_uses(section, job[0])}
+
+
+def nudge_waiting_jobs(op: Operator, jobs: Iterable[tuple[str, str]]) -> int:
     """A Model/FileSet appeared: touch the jobs that wait for it so they re-check now."""
-    key = ObjectKey(kind, namespace, name)  # type: ignore[arg-type]
-    touched = 0
-    for job in op.kube.list_jobs():
-        status = job.get("status") or {}
-        if status.get("phase") not in (None, "Created"):
-            continue
-        report = validate_job(manifest_of(job))
-        section = report.section
-        job_namespace = job["metadata"].get("namespace", "default")
-        if section is None or all(ref.key != key for ref in reference_uses(section, job_namespace)):
-            continue
-        op.kube.annotate_job(job_namespace, job["metadata"]["name"], {"kubetune.io/recheck": str(time.time())})
-        touched += 1
-    return touched
+    touched = sorted(set(jobs))
+    for namespace, name in touched:
+        op.kube.annotate_job(namespace, name, {"kubetune.io/recheck": str(time.time())})
+    return len(touched)

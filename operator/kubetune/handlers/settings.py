@@ -47,8 +47,13 @@ class OperatorSettings:
     """CA that signed the serving certificate; written into the ValidatingWebhookConfiguration."""
     reference_retry_seconds: float = 30.0
     """How often a job waiting for a missing Model/FileSet re-checks, besides the watch on them."""
-    peering: str = "kubetune"
-    """kopf peering object: only one operator replica acts at a time."""
+    workers: int = 16
+    """Threads that run handlers at once (KUBETUNE_WORKERS): each handler mostly waits on the API
+    server, so more threads than cores keep a burst of jobs moving."""
+    peering: str | None = None
+    """kopf peering object through which only one operator replica acts at a time
+    (KUBETUNE_PEERING). Unset: `kubetune` if it exists, else standalone with a warning; set: it
+    must exist (handlers/peering.py)."""
     peering_lifetime_seconds: int = 60
     """How long a replica's peering record lives without a keep-alive (KUBETUNE_PEERING_LIFETIME):
     a standby replica takes over at most this long after the active one dies (kopf's default)."""
@@ -147,7 +152,8 @@ def settings_from_env(env: Mapping[str, str] | None = None) -> OperatorSettings:
         webhook_key_file=env.get("KUBETUNE_WEBHOOK_KEY_FILE") or None,
         webhook_ca_file=env.get("KUBETUNE_WEBHOOK_CA_FILE") or None,
         reference_retry_seconds=_float(env, "KUBETUNE_REFERENCE_RETRY_SECONDS", 30.0) or 30.0,
-        peering=env.get("KUBETUNE_PEERING", "kubetune"),
+        workers=_int(env, "KUBETUNE_WORKERS", 16),
+        peering=env.get("KUBETUNE_PEERING") or None,
         peering_lifetime_seconds=_int(env, "KUBETUNE_PEERING_LIFETIME", 60),
         verbose=_bool(env, "KUBETUNE_VERBOSE", False),
         allowed_host_paths=_absolute_paths(env, "KUBETUNE_ALLOWED_HOST_PATHS"),

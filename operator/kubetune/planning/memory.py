@@ -60,7 +60,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from kubetune.api.automodel import LORA_FINETUNING_TYPES, AutomodelSpec
-from kubetune.api.resources import Backend, FileSetSpec, ModelSpec
+from kubetune.api.resources import Backend, FileSetSpec, MemoryStatus, ModelSpec
 from kubetune.api.unsloth import UnslothSpec
 from kubetune.planning.layout import Layout
 
@@ -139,9 +139,20 @@ class MemoryEstimate:
         values.update(total_gib=round(self.total, 1), floor_gib=round(self.floor, 1), gpus=self.gpus)
         return values
 
-    def as_status(self) -> dict[str, float | int]:
-        """camelCase, as `status.memoryEstimate` holds it (values in GiB per GPU)."""
-        return {_camel_gib(key): value for key, value in self.as_dict().items()}
+    def as_status(self) -> MemoryStatus:
+        """`status.memoryEstimate`: the same values as `as_dict`, in GiB per GPU."""
+        values = self.as_dict()
+        return MemoryStatus(
+            weightsGiB=values["weights_gib"],
+            gradientsGiB=values["gradients_gib"],
+            optimizerGiB=values["optimizer_gib"],
+            activationsGiB=values["activations_gib"],
+            teacherGiB=values["teacher_gib"],
+            overheadGiB=values["overhead_gib"],
+            totalGiB=values["total_gib"],
+            floorGiB=values["floor_gib"],
+            gpus=self.gpus,
+        )
 
     def explain(self) -> str:
         lines = [f"estimated GPU memory: {self.total:.1f} GiB per GPU ({self.gpus} GPU{'s' * (self.gpus > 1)})"]
@@ -151,11 +162,6 @@ class MemoryEstimate:
         floor_note = self.notes.get("floor", "")
         lines.append(f"  {'floor':<12}{self.floor:7.1f} GiB  {floor_note}; refused only above this".rstrip())
         return "\n".join(lines)
-
-
-def _camel_gib(key: str) -> str:
-    head, *rest = key.split("_")
-    return head + "".join("GiB" if word == "gib" else word.title() for word in rest)
 
 
 # --------------------------------------------------------------------------- inputs

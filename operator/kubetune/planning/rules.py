@@ -65,6 +65,16 @@ _ROOT_TP_PP_CP = _TP_PP_CP.replace("self.", "self.parallelism.")
 _ROOT_GPUS = _GPUS.replace("self.", "self.parallelism.")
 
 
+_LAYOUT_FIELDS = (
+    "parallelism.num_gpus_per_node",
+    "parallelism.num_nodes",
+    "parallelism.tensor_parallel_size",
+    "parallelism.pipeline_parallel_size",
+    "parallelism.context_parallel_size",
+)
+"""The fields the data-parallel size is computed from (paths from the section)."""
+
+
 def _source_count(source: Source) -> int:
     return sum(value is not None for value in (source.pvc, source.hostPath, source.uri))
 
@@ -87,13 +97,7 @@ RULES: tuple[Rule, ...] = (
         section="automodel",
         node="parallelism",
         field="",
-        concerns=(
-            "parallelism.num_gpus_per_node",
-            "parallelism.num_nodes",
-            "parallelism.tensor_parallel_size",
-            "parallelism.pipeline_parallel_size",
-            "parallelism.context_parallel_size",
-        ),
+        concerns=_LAYOUT_FIELDS,
         check=lambda p: gpus_fit_model_parallel(p),
         cel=f"{_GPUS} % {_TP_PP_CP} == 0",
         message=(
@@ -107,15 +111,7 @@ RULES: tuple[Rule, ...] = (
         section="automodel",
         node="",
         field="batch.global_batch_size",
-        concerns=(
-            "batch.global_batch_size",
-            "batch.micro_batch_size",
-            "parallelism.num_gpus_per_node",
-            "parallelism.num_nodes",
-            "parallelism.tensor_parallel_size",
-            "parallelism.pipeline_parallel_size",
-            "parallelism.context_parallel_size",
-        ),
+        concerns=("batch.global_batch_size", "batch.micro_batch_size", *_LAYOUT_FIELDS),
         check=lambda spec: batch_fits_data_parallel(spec.batch, spec.parallelism),
         cel=(
             f"{_ROOT_GPUS} % {_ROOT_TP_PP_CP} != 0 || self.batch.global_batch_size % "
@@ -143,14 +139,7 @@ RULES: tuple[Rule, ...] = (
         section="automodel",
         node="parallelism",
         field="expert_parallel_size",
-        concerns=(
-            "parallelism.expert_parallel_size",
-            "parallelism.num_gpus_per_node",
-            "parallelism.num_nodes",
-            "parallelism.tensor_parallel_size",
-            "parallelism.pipeline_parallel_size",
-            "parallelism.context_parallel_size",
-        ),
+        concerns=("parallelism.expert_parallel_size", *_LAYOUT_FIELDS),
         check=lambda p: not gpus_fit_model_parallel(p) or expert_parallel_fits(p),
         cel=(
             f"!has(self.expert_parallel_size) || {_GPUS} % {_TP_PP_CP} != 0 || "

@@ -35,11 +35,14 @@ def test_bf16_on_a_t4_cluster_is_refused_naming_the_fields() -> None:
     assert validate_job(unsloth(model={"dtype": "bfloat16"})).valid  # GPU type unknown: nothing to refuse on
 
 
-def test_distillation_teacher_in_bf16_on_a_t4_cluster_is_refused() -> None:
+def test_automodel_on_a_t4_cluster_is_refused_and_so_is_a_bf16_teacher() -> None:
     teacher = {"training_type": "distillation", "teacher_model": "big"}
     report = validate_job(automodel(training=teacher), gpu_type="T4")
-    assert [e.path for e in report.errors] == ["spec.automodel.training.teacher_precision"]
-    assert validate_job(automodel(training={**teacher, "teacher_precision": "fp16"}), gpu_type="T4").valid
+    assert [e.path for e in report.errors] == ["spec.automodel", "spec.automodel.training.teacher_precision"]
+    report = validate_job(automodel(training={**teacher, "teacher_precision": "fp16"}), gpu_type="T4")
+    assert [e.path for e in report.errors] == ["spec.automodel"]
+    assert "computes in bf16 on GPUs" in report.errors[0].message
+    assert validate_job(automodel(training=teacher), gpu_type="A100").valid
 
 
 def test_kubetune_validate_refuses_dtype_conflicts_with_both_field_paths(tmp_path: Path) -> None:

@@ -9,7 +9,8 @@ Two kinds:
   with its own argument names, or the loss overflows).
 - against the cluster (`gpu_dtype_findings`): bf16 needs an Ampere or newer GPU. When the
   operator knows the cluster's GPU type (the chart's `gpuType`, `kubetune validate
-  --gpu-type`), a job that asks for bf16 on a type known to lack it is refused.
+  --gpu-type`), a job that asks for bf16 on a type known to lack it is refused — every
+  automodel job among them, since that trainer always computes in bf16 on GPUs.
 """
 
 from __future__ import annotations
@@ -67,6 +68,16 @@ def gpu_dtype_findings(section: AutomodelSpec | UnslothSpec, gpu_type: str | Non
                 )
             )
         return findings
+    # The automodel trainer has no precision field: on GPUs it always computes in bf16
+    # (autocast and FSDP2's mixed-precision policy), so no automodel job can run there.
+    findings.append(
+        Finding(
+            "spec.automodel",
+            f"the automodel trainer computes in bf16 on GPUs, but {advice}: use the unsloth backend with "
+            "hardware.precision: fp16, or GPUs with bf16",
+            "Bf16UnsupportedByGpu",
+        )
+    )
     training = section.training
     if training.training_type == "distillation" and training.teacher_precision == "bf16":
         findings.append(

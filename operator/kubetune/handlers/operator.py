@@ -201,11 +201,11 @@ def register(registry: kopf.OperatorRegistry, config: OperatorSettings) -> None:
         settings.watching.server_timeout = 300
         settings.peering.lifetime = config.peering_lifetime_seconds
         settings.execution.max_workers = config.workers
-        # kopf starts one worker per object with events, unbounded: a burst of 1,000 jobs held
-        # 1,000 half-processed jobs in memory while they waited for a handler thread (RSS
-        # grew with the burst). Twice the threads keep them busy; the rest wait as raw events.
-        # An idle worker then leaves after 1 s instead of 5 s, so the bound costs no speed.
-        settings.queueing.worker_limit = 2 * config.workers
+        # No `queueing.worker_limit`: kopf's handlers wait until the job index has seen every
+        # listed job, and with fewer workers than jobs at startup the workers holding the
+        # first jobs wait for an index that the others never get a worker to fill (seen: an
+        # operator pod restarted during a burst of 50 jobs launched none of them). An idle
+        # worker leaves after 1 s instead of 5 s, which keeps a burst's memory down.
         settings.batching.idle_timeout = 1.0
         if config.webhook:
             settings.admission.server = kopf.WebhookServer(

@@ -160,11 +160,22 @@ def test_unknown_tokenizers_are_a_warning_not_a_pass() -> None:
     assert [w.reason for w in report.warnings] == ["TokenizerUnknown"]
 
 
-def test_an_undeclared_architecture_is_a_warning_when_the_job_splits_the_model() -> None:
+@pytest.mark.parametrize(
+    ("parallelism", "field"),
+    [
+        ({"num_gpus_per_node": 2, "tensor_parallel_size": 2}, "numKeyValueHeads"),
+        ({"num_gpus_per_node": 2, "pipeline_parallel_size": 2}, "numLayers"),
+        ({"num_gpus_per_node": 2, "expert_parallel_size": 2}, "numExperts"),
+    ],
+)
+def test_an_undeclared_architecture_is_a_warning_when_the_job_splits_the_model(
+    parallelism: dict[str, int], field: str
+) -> None:
     bundle = sort_manifests([model("base-model"), DATA])
-    report = validate_job(automodel(parallelism={"num_gpus_per_node": 2, "tensor_parallel_size": 2}), bundle.catalog)
+    report = validate_job(automodel(parallelism=parallelism), bundle.catalog)
     assert report.valid
     assert [w.reason for w in report.warnings] == ["ModelSplitUnknown"]
+    assert f"spec.{field}" in report.warnings[0].message
 
 
 @pytest.mark.parametrize(

@@ -250,6 +250,7 @@ def _check_architecture(section: AutomodelSpec, model: ModelSpec, result: Refere
         for name, size, known, fields in (
             ("head counts", parallelism.tensor_parallel_size, model.numKeyValueHeads is not None, "numKeyValueHeads"),
             ("layer count", parallelism.pipeline_parallel_size, model.numLayers is not None, "numLayers"),
+            ("expert count", parallelism.expert_parallel_size or 1, model.numExperts is not None, "numExperts"),
         )
         if size > 1 and not known
     ]

@@ -101,6 +101,17 @@ class ModelSpec(Section):
     numLayers: int | None = Field(
         None, gt=0, description="Decoder layers (`num_hidden_layers`): each pipeline stage needs at least one."
     )
+    hiddenSize: int | None = Field(
+        None, gt=0, description="Hidden size (`hidden_size`): sizes the embeddings in the memory estimate."
+    )
+    vocabSize: int | None = Field(
+        None,
+        gt=0,
+        description="Vocabulary size (`vocab_size`): sizes the embeddings and logits in the memory estimate.",
+    )
+    tieWordEmbeddings: bool | None = Field(
+        None, description="Whether the LM head shares the input embedding (`tie_word_embeddings`)."
+    )
     adapter: Adapter | None = Field(
         None, description="Present when this Model is a LoRA adapter; absent for full weights."
     )

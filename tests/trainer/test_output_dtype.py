@@ -13,6 +13,7 @@ from safetensors import safe_open
 
 from kubetune_trainer.__main__ import run_job
 from kubetune_trainer.config import RunOptions
+from kubetune_trainer.models import add_lora, base_weights_dtype, load_causal_lm
 from kubetune_trainer.outputs import folder_size, model_dtype
 
 
@@ -59,3 +60,27 @@ def test_result_has_the_base_models_dtype(
     assert record["size_bytes"] == folder_size(folder) - (folder / "kubetune.json").stat().st_size
     if expected == torch.bfloat16:  # half the bytes of fp32 weights: the size is the model's own
         assert record["size_bytes"] < 1.5 * sum(f.stat().st_size for f in bf16_model.glob("*.safetensors")) + 2e6
+
+
+@pytest.mark.parametrize(
+    ("device", "lora", "expected"),
+    [("cuda", True, torch.bfloat16), ("cuda", False, torch.float32), ("cpu", True, torch.float32)],
+)
+def test_base_weights_dtype(device: str, lora: bool, expected: torch.dtype) -> None:
+    assert base_weights_dtype(torch.device(device), lora) == expected
+
+
+def test_lora_on_a_bf16_base_trains_an_fp32_adapter(tiny_model: Path) -> None:
+    """The GPU layout of a LoRA job (bf16 frozen base, bf16 compute), run on CPU: the adapter
+    stays fp32 and alone gets gradients, in fp32."""
+    model = add_lora(load_causal_lm(str(tiny_model), torch.bfloat16), rank=4, alpha=8, target_modules=None)
+    trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    assert trainable and all(p.dtype == torch.float32 for p in trainable.values())
+    assert frozen and all(p.dtype == torch.bfloat16 for p in frozen)
+    ids = torch.arange(1, 17).reshape(2, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in trainable.values())
+    assert all(p.grad is None for p in frozen)

@@ -80,6 +80,14 @@ def load_causal_lm(path: str, dtype: torch.dtype = torch.float32, trust_remote_c
     return model
 
 
+def base_weights_dtype(device: torch.device, lora: bool) -> torch.dtype:
+    """How the student's weights are stored: fp32 when they are trained (the optimizer's master
+    copy) and on CPU; bf16 under a LoRA adapter on a GPU, where they are frozen and every
+    matmul runs in bf16 anyway — half the memory, what the memory pre-flight counts
+    (kubetune.planning.memory). peft keeps the adapter itself in fp32."""
+    return torch.bfloat16 if lora and device.type == "cuda" else torch.float32
+
+
 def linear_layer_names(model: nn.Module) -> list[str]:
     """The names of every `nn.Linear` but the output head (what `target_modules: null` trains).
 

@@ -37,6 +37,7 @@ from kubetune_trainer.models import (
     DTYPES,
     ModelError,
     add_lora,
+    base_weights_dtype,
     count_parameters,
     load_causal_lm,
     load_config,
@@ -78,7 +79,8 @@ def run(job: ResolvedJob, options: RunOptions) -> Path:
                     ctx.seed,
                 )
                 seed_everything(ctx.seed)
-                model = load_causal_lm(model_path, torch.float32)
+                lora = lora_settings(section)
+                model = load_causal_lm(model_path, base_weights_dtype(world.device, lora is not None))
                 teacher = load_causal_lm(teacher_path, DTYPES[training.teacher_precision])
                 mismatch = vocabulary_mismatch((tokenizer, model), (teacher_tokenizer, teacher))
                 if mismatch:
@@ -91,7 +93,6 @@ def run(job: ResolvedJob, options: RunOptions) -> Path:
                 # Under context parallel the teacher sees the same slices as the student (same attention).
                 ContextParallel.from_mesh(world.mesh).apply(teacher)
                 frozen = FrozenTeacher(teacher, world.device, offload=training.offload_teacher)
-                lora = lora_settings(section)
                 if lora is not None:
                     model = add_lora(model, lora["rank"], lora["alpha"], lora["target_modules"])
                 model.config.use_cache = False  # type: ignore[union-attr]

@@ -1,5 +1,6 @@
 """The fast step path gives today's results: the chunked LM-head loss equals the plain loss,
-and a whole SFT run (chunked loss, fused AdamW) has the per-step losses of the plain path."""
+and a whole SFT run (chunked loss, fused AdamW, length-grouped micro batches) has the
+per-step losses of the plain path."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kubetune_trainer import losses
+from kubetune_trainer import batching, losses
 from kubetune_trainer.__main__ import run_job
 from kubetune_trainer.automodel import engine, steps
 from kubetune_trainer.config import RunOptions
@@ -65,6 +66,7 @@ def test_fast_step_path_keeps_the_per_step_losses(
     fast = _step_losses(tmp_path, "fast", tiny_model, task_data, kind)
     monkeypatch.setattr(steps, "PLAIN_HEAD_MODELS", frozenset())  # full logits, then the loss
     monkeypatch.setattr(engine, "FUSED_ADAMW", False)  # torch's default AdamW
+    monkeypatch.setattr(batching, "GROUP_BY_LENGTH", False)  # micro batches in schedule order
     plain = _step_losses(tmp_path, "plain", tiny_model, task_data, kind)
     assert len(fast) == len(plain) == 6
     assert max(abs(a - b) for a, b in zip(fast, plain, strict=True)) <= 1e-4, (fast, plain)

@@ -68,6 +68,24 @@ def job_spec(kind: str, parallelism: dict[str, int], steps: int, micro: int, len
     }
 
 
+def declared_model(folder: Path, parameters: int) -> Any:
+    """The Model a user would declare for this folder: its size and shape from config.json."""
+    from kubetune.api.resources import ModelSpec
+
+    config = json.loads((folder / "config.json").read_text())
+    return ModelSpec.model_validate(
+        {
+            "source": {"hostPath": {"path": str(folder.resolve())}},
+            "numParameters": parameters,
+            "numLayers": config["num_hidden_layers"],
+            "hiddenSize": config["hidden_size"],
+            "vocabSize": config["vocab_size"],
+            "tieWordEmbeddings": bool(config.get("tie_word_embeddings", False)),
+            "numExperts": config.get("num_experts") or 0,
+        }
+    )
+
+
 def run_layout(
     name: str, folder: Path, data: Path, kind: str, steps: int, micro: int, length: int, workdir: Path
 ) -> dict[str, Any]:
@@ -102,7 +120,9 @@ def run_layout(
         raise SystemExit(f"{name}: the trainer failed:\n{done.stderr[-3000:]}")
     metrics = json.loads((out / "bench-output" / "kubetune.json").read_text())["metrics"]
     parameters = count_parameters(load_causal_lm(str(folder)))[1]
-    memory = estimate(memory_inputs(report.section, parameters, None), report.layout)
+    memory = estimate(
+        memory_inputs(report.section, parameters, None, declared_model(folder, parameters)), report.layout
+    )
     return {
         "layout": name,
         "ranks": processes,

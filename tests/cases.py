@@ -246,6 +246,22 @@ RULE_CASES: list[Case] = [
         unsloth(model={"load_in_4bit": False}, training={"finetuning_type": "all_weights"}),
         None,
     ),
+    # --- precision vs model.dtype
+    Case(
+        "fp16-weights-bf16-training",
+        unsloth(model={"dtype": "float16"}),
+        "spec.unsloth.hardware.precision",
+        "PrecisionMatchesDtype",
+    ),
+    Case(
+        "bf16-weights-fp16-training",
+        unsloth(model={"dtype": "bfloat16"}, hardware={"precision": "fp16"}),
+        "spec.unsloth.hardware.precision",
+        "PrecisionMatchesDtype",
+    ),
+    Case("bf16-weights-bf16-training", unsloth(model={"dtype": "bfloat16"}), None),
+    Case("fp16-weights-fp16-training", unsloth(model={"dtype": "float16"}, hardware={"precision": "fp16"}), None),
+    Case("fp32-weights-fp16-training", unsloth(model={"dtype": "float32"}, hardware={"precision": "fp16"}), None),
     # --- save methods
     Case("merged-16bit-lora", unsloth(output={"save_method": "merged_16bit"}), None),
     Case(

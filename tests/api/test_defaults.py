@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import io
+import json
+from contextlib import redirect_stdout
 from typing import Any
 
 import pytest
 from pydantic import ValidationError
 
 from kubetune.api.automodel import AutomodelSpec
+from kubetune.api.common import Section
 from kubetune.api.unsloth import UNSLOTH_TARGET_MODULES, UnslothSpec
+from kubetune.cli.main import main
 
 AUTOMODEL = AutomodelSpec.model_validate({"model": "m", "dataset": {"training": "d"}})
 UNSLOTH = UnslothSpec.model_validate({"model": {"name": "m"}, "dataset": {"path": "d"}})
@@ -165,3 +170,49 @@ def test_integrations_fields() -> None:
     )
     assert spec.integrations is not None and spec.integrations.mlflow is not None
     assert spec.integrations.mlflow.tags == {"team": "a"}
+
+
+def _leaf_defaults(schema: dict[str, Any]) -> dict[str, Any]:
+    """Every property path of a JSON schema (through $refs and nullable anyOfs) to its schema node."""
+    definitions = schema.get("$defs", {})
+    found: dict[str, Any] = {}
+
+    def walk(node: dict[str, Any], path: str) -> None:
+        for name, prop in node.get("properties", {}).items():
+            found[f"{path}{name}"] = prop
+            for branch in [prop, *prop.get("anyOf", [])]:
+                if "$ref" in branch:
+                    walk(definitions[branch["$ref"].split("/")[-1]], f"{path}{name}.")
+
+    walk(schema, "")
+    return found
+
+
+REQUIRED = {  # fields the seed gives no default
+    AutomodelSpec: {"model", "dataset.training", "output.name"},
+    UnslothSpec: {"model.name", "dataset.path"},
+}
+
+
+@pytest.mark.parametrize("spec", [AutomodelSpec, UnslothSpec], ids=["automodel", "unsloth"])
+def test_live_schema_shows_every_field_default(spec: type[AutomodelSpec] | type[UnslothSpec]) -> None:
+    """`kubetune schema <backend>` lists each leaf field's default, as the seed's tables do."""
+    out = io.StringIO()
+    with redirect_stdout(out):
+        main(["schema", "automodel" if spec is AutomodelSpec else "unsloth"])
+    properties = _leaf_defaults(json.loads(out.getvalue()))
+    instance = AUTOMODEL if spec is AutomodelSpec else UNSLOTH
+    missing = []
+    for path, node in properties.items():
+        try:
+            value = _get(instance, path)
+        except AttributeError:  # below a null section (output, integrations)
+            continue
+        if isinstance(value, Section) or path in REQUIRED[spec]:
+            continue
+        if node.get("default", "<absent>") != (list(value) if isinstance(value, list) else value):
+            missing.append(f"{path}: schema {node.get('default', '<absent>')!r}, model {value!r}")
+    assert not missing
+    assert properties["training.lora.target_modules"].get("default") == (
+        None if spec is AutomodelSpec else list(UNSLOTH_TARGET_MODULES)
+    )

@@ -41,6 +41,8 @@ CONTROLLERS = (
     "serviceaccount-controller",
     "serviceaccount-token-controller",
     "root-ca-certificate-publisher-controller",
+    # Merges ClusterRoles labelled aggregate-to-edit/-view into the built-in user roles.
+    "clusterrole-aggregation-controller",
 )
 ADMIN_USER = "e2e-admin"
 UNPRIVILEGED_USER = "e2e-user"

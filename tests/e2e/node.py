@@ -92,7 +92,12 @@ class Node:
         if stale:  # first: the trainer's archive and its import need the space
             self.ctr("images", "rm", "--sync", *stale, check=False)
         if image.ref in targets:
-            return
+            if self._unpacked(image.ref):
+                return
+            # Its layers were discarded at import; without its snapshots (lost with the
+            # store's state, e.g. a run killed mid-way) no container could start from it.
+            same = [ref for ref, digest in targets.items() if digest == targets[image.ref]]
+            self.ctr("images", "rm", "--sync", *same, check=False)
         staging = self.workdir / "image-import.tar"
         archive = image.write_archive(staging)
         try:
@@ -103,6 +108,15 @@ class Node:
             raise ControlPlaneError(f"importing {image.ref} failed: {res.stderr.strip()}")
         if image.ref not in self.ctr("images", "ls", "--quiet").stdout.split():
             raise ControlPlaneError(f"the archive of {image.ref} did not provide it: {res.stdout.strip()}")
+
+    def _unpacked(self, ref: str) -> bool:
+        """Whether containers can start from `ref`: its root file system mounts (from its
+        snapshots; the layer blobs themselves are discarded once unpacked)."""
+        target = self.workdir / "image-check"
+        target.mkdir(parents=True, exist_ok=True)
+        mounted = self.ctr("images", "mount", "--rw=false", ref, str(target), check=False).returncode == 0
+        self.ctr("images", "unmount", "--rm", str(target), check=False)
+        return mounted
 
 
 # --------------------------------------------------------------------------- host checks

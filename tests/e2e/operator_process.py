@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -51,8 +51,11 @@ def install_peering(cp: ControlPlane) -> None:
 
 
 @contextmanager
-def operator_process(cp: ControlPlane, log: Path, **env: str) -> Iterator[OperatorProcess]:
-    process = OperatorProcess(cp, log, env)
+def operator_process(
+    cp: ControlPlane, log: Path, command: Sequence[str] | None = None, **env: str
+) -> Iterator[OperatorProcess]:
+    """`kubetune operator` (or `command`, e.g. the bench's profiled operator) until the block ends."""
+    process = OperatorProcess(cp, log, env, command)
     try:
         process.start()
         yield process
@@ -61,8 +64,9 @@ def operator_process(cp: ControlPlane, log: Path, **env: str) -> Iterator[Operat
 
 
 class OperatorProcess:
-    def __init__(self, cp: ControlPlane, log: Path, env: dict[str, str]) -> None:
+    def __init__(self, cp: ControlPlane, log: Path, env: dict[str, str], command: Sequence[str] | None = None) -> None:
         self.cp, self.log, self.extra_env = cp, log, env
+        self.command = list(command or [str(Path(sys.executable).parent / "kubetune"), "operator"])
         self.metrics_port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -74,11 +78,12 @@ class OperatorProcess:
             "KUBETUNE_REFERENCE_RETRY_SECONDS": "3",
             # A SIGKILLed replica's peering record blocks its successor for this long.
             "KUBETUNE_PEERING_LIFETIME": "8",
+            # The tests' Models live under /models on the (absent) node; nothing else is allowed.
+            "KUBETUNE_ALLOWED_HOST_PATHS": "/models",
             **self.extra_env,
         }
-        kubetune = Path(sys.executable).parent / "kubetune"
         self.process = subprocess.Popen(
-            [str(kubetune), "operator"],
+            self.command,
             env=env,
             stdout=self.log.open("ab"),
             stderr=subprocess.STDOUT,

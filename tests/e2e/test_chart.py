@@ -30,6 +30,7 @@ from kubetune.cli.render import run_render
 from tests.helmchart import CHART, ROOT, helm
 
 from .controlplane import ControlPlane
+from .operator_process import wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -67,7 +68,8 @@ def _crd_exists(cp: ControlPlane, name: str) -> bool:
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "defaults": {},
-    "webhook-namespaced": {"webhook": {"enabled": True}, "gpuMemoryGiB": 80},
+    # kubetune-edit and kubetune-view are cluster-wide names: one release in a cluster ships them.
+    "webhook-namespaced": {"webhook": {"enabled": True}, "gpuMemoryGiB": 80, "userRoles": {"enabled": False}},
 }
 
 
@@ -279,3 +281,79 @@ def test_webhook_intercepts_only_the_watched_namespaces(webhook: Install, contro
     assert "validate.customizationjobs.kubetune.io" in refused.stderr, refused.stderr
     _ok(control_plane.kubectl("create", "--namespace", install.namespace, "-f", "-", stdin=job))
     _ok(control_plane.kubectl("delete", "customizationjob", JOB["metadata"]["name"], "--namespace", install.namespace))
+
+
+# --------------------------------------------------------------------------- user roles
+
+
+def _as(cp: ControlPlane, user: str, *args: str, stdin: str | None = None) -> tuple[int, str]:
+    """kubectl as another user (the admin impersonates; RBAC judges the impersonated user)."""
+    res = cp.kubectl(f"--as={user}", *args, stdin=stdin)
+    return res.returncode, res.stdout + res.stderr
+
+
+def _aggregated(cp: ControlPlane, role: str) -> bool:
+    rules = (json.loads(_ok(cp.kubectl("get", "clusterrole", role, "-o", "json"))).get("rules")) or []
+    return any("customizationjobs" in rule.get("resources", []) for rule in rules)
+
+
+def test_a_namespace_editor_runs_jobs_there_and_nowhere_else(defaults: Install, control_plane: ControlPlane) -> None:
+    """kubetune-edit/-view reach the built-in roles (the aggregation controller merges them), so
+    a RoleBinding to `edit` in namespace A lets a user create and cancel jobs in A only."""
+    cp = control_plane
+    wait_for("kubetune-edit in edit/admin", lambda: _aggregated(cp, "edit") and _aggregated(cp, "admin"), 60)
+    wait_for("kubetune-view in view", lambda: _aggregated(cp, "view"), 60)
+    token = secrets.token_hex(3)
+    team_a, team_b = f"e2e-team-a-{token}", f"e2e-team-b-{token}"
+    editor, viewer = f"ann-{token}", f"vic-{token}"
+    try:
+        for namespace in (team_a, team_b):
+            _ok(cp.kubectl("create", "namespace", namespace))
+        _ok(cp.kubectl("create", "rolebinding", "editors", "--clusterrole=edit", f"--user={editor}", "-n", team_a))
+        _ok(cp.kubectl("create", "rolebinding", "viewers", "--clusterrole=view", f"--user={viewer}", "-n", team_a))
+        model = {
+            "apiVersion": "kubetune.io/v1alpha1",
+            "kind": "Model",
+            "metadata": {"name": "base"},
+            "spec": {"source": {"pvc": {"claimName": "models"}}},
+        }
+        _ok(cp.kubectl("apply", "-n", team_b, "-f", "-", stdin=json.dumps(model)))
+
+        # In A: create a job, read it, cancel (delete) it.
+        code, out = _as(cp, editor, "create", "-n", team_a, "-f", "-", stdin=json.dumps(JOB))
+        assert code == 0, out
+        assert _as(cp, editor, "get", "ctj", "chart-e2e", "-n", team_a)[0] == 0
+        code, out = _as(cp, editor, "create", "-n", team_a, "-f", "-", stdin=json.dumps({**model}))
+        assert code == 0, out
+        # Status is the operator's: an editor cannot forge it.
+        code, out = _as(
+            cp,
+            editor,
+            "patch",
+            "ctj",
+            "chart-e2e",
+            "-n",
+            team_a,
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            json.dumps({"status": {"phase": "Completed"}}),
+        )
+        assert code != 0 and "forbidden" in out.lower(), out
+        code, out = _as(cp, editor, "delete", "ctj", "chart-e2e", "-n", team_a, "--wait=false")
+        assert code == 0, out
+
+        # In B: nothing, not even reading B's Model (it is not shared with A, and RBAC says no).
+        code, out = _as(cp, editor, "create", "-n", team_b, "-f", "-", stdin=json.dumps(JOB))
+        assert code != 0 and "forbidden" in out.lower(), out
+        for action in (("get", "model", "base"), ("get", "models"), ("delete", "model", "base")):
+            code, out = _as(cp, editor, *action, "-n", team_b)
+            assert code != 0 and "forbidden" in out.lower(), (action, out)
+
+        # A viewer of A reads jobs there and changes nothing.
+        assert _as(cp, viewer, "get", "ctj", "-n", team_a)[0] == 0
+        code, out = _as(cp, viewer, "create", "-n", team_a, "-f", "-", stdin=json.dumps(JOB))
+        assert code != 0 and "forbidden" in out.lower(), out
+    finally:
+        for namespace in (team_a, team_b):
+            cp.kubectl("delete", "namespace", namespace, "--wait=false", "--ignore-not-found")

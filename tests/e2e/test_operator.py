@@ -265,8 +265,23 @@ def test_child_status_drives_the_phase_and_oom_is_reported(
 
 
 def test_success_creates_the_output_model(control_plane: ControlPlane, operator: OperatorProcess, refs: str) -> None:
-    apply(control_plane, refs, unsloth_job("done"))
+    job = unsloth_job("done")
+    job["spec"]["unsloth"]["output"]["description"] = "support bot, v1"
+    apply(control_plane, refs, job)
     wait_phase(control_plane, refs, "done", "Pending")
+    # the trainer's last progress patch (its RBAC allows exactly this) carries the final losses
+    control_plane.kubectl(
+        "patch",
+        "ctj",
+        "done",
+        "-n",
+        refs,
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        '{"status":{"progress":{"trainLoss":0.25,"valLoss":0.5}}}',
+        check=True,
+    )
     set_status(
         control_plane,
         refs,
@@ -299,6 +314,16 @@ def test_success_creates_the_output_model(control_plane: ControlPlane, operator:
     assert output["spec"]["adapter"] == {"baseModel": "base"}
     assert output["spec"]["source"] == {"pvc": {"claimName": "done-output", "path": "/done-adapter"}}
     assert output["spec"]["tokenizer"] == "llama3"
+    assert output["spec"]["description"] == "support bot, v1"
+    assert output["spec"]["training"] == {
+        "job": f"{refs}/done",
+        "baseModel": "base",
+        "backend": "unsloth",
+        "trainingType": "sft",
+        "finetuningType": "lora",
+        "finalLoss": 0.25,
+        "finalValLoss": 0.5,
+    }
 
 
 def test_suspend_and_resume(control_plane: ControlPlane, operator: OperatorProcess, refs: str) -> None:
@@ -428,3 +453,70 @@ def test_memory_preflight(control_plane: ControlPlane, operator: OperatorProcess
     assert failed["reason"] == "MemoryCannotFit" and "spec.automodel" in failed["message"]
     assert status["memoryEstimate"]["verdict"] == "cannot fit"
     assert get_json(control_plane, "pytorchjob", "huge-full-train", "-n", refs) is None
+
+
+def test_a_host_path_outside_allowed_host_paths_fails_the_job(
+    control_plane: ControlPlane, operator: OperatorProcess, namespace: str
+) -> None:
+    """A Model may not mount any folder of the node: only those under allowedHostPaths (/models here)."""
+    runtime_socket = {"source": {"hostPath": {"path": "/var/run/containerd"}}}
+    apply(control_plane, namespace, {**model("base"), "spec": runtime_socket}, fileset("train"), automodel_job("peek"))
+    status = wait_phase(control_plane, namespace, "peek", "Failed")
+    validated = conditions(status)["Validated"]
+    assert validated["reason"] == "ReferenceInvalid"
+    assert "'/var/run/containerd' is not allowed in this cluster" in validated["message"]
+    assert "allowedHostPaths" in validated["message"]
+    assert get_json(control_plane, "pytorchjob", "peek-train", "-n", namespace) is None
+
+
+def _pod_from(template: dict[str, Any], name: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, **template["metadata"]},
+        "spec": template["spec"],
+    }
+
+
+def _create_pod(cp: ControlPlane, namespace: str, pod: dict[str, Any]) -> tuple[int, str]:
+    res = cp.kubectl("create", "-n", namespace, "-f", "-", stdin=json.dumps(pod))
+    return res.returncode, res.stdout + res.stderr
+
+
+def test_trainer_pods_pass_restricted_pod_security(
+    control_plane: ControlPlane, operator: OperatorProcess, namespace: str
+) -> None:
+    """The API server's Pod Security admission (`restricted`) admits the trainer pods as rendered.
+
+    No training-operator or kubelet runs here, so the pods are created from the workloads'
+    templates as those controllers would (the API server judges a pod, not who sends it);
+    weakened copies are refused, so this test can fail.
+    """
+    cp = control_plane
+    cp.kubectl("label", "namespace", namespace, "pod-security.kubernetes.io/enforce=restricted", check=True)
+    on_claim = {"source": {"pvc": {"claimName": "models", "path": "/base"}}}
+    apply(
+        cp, namespace, {**model("base"), "spec": on_claim}, fileset("train"), automodel_job("psa"), unsloth_job("psa-u")
+    )
+    wait_phase(cp, namespace, "psa", "Pending")
+    wait_phase(cp, namespace, "psa-u", "Pending")
+    pytorchjob = get_json(cp, "pytorchjob", "psa-train", "-n", namespace)
+    batch_job = get_json(cp, "job.batch", "psa-u-train", "-n", namespace)
+    assert pytorchjob is not None and batch_job is not None
+    templates = {
+        f"psa-train-{replica.lower()}-0": spec["template"]
+        for replica, spec in pytorchjob["spec"]["pytorchReplicaSpecs"].items()
+    }
+    templates["psa-u-train-pod"] = batch_job["spec"]["template"]
+    for name, template in templates.items():
+        code, out = _create_pod(cp, namespace, _pod_from(template, name))
+        assert code == 0, out
+
+    template = templates["psa-train-master-0"]
+    escalating = json.loads(json.dumps(template))
+    del escalating["spec"]["containers"][0]["securityContext"]["allowPrivilegeEscalation"]
+    node_files = json.loads(json.dumps(template))
+    node_files["spec"]["volumes"].append({"name": "node", "hostPath": {"path": "/models/base"}})
+    for name, weakened in (("escalating", escalating), ("node-files", node_files)):
+        code, out = _create_pod(cp, namespace, _pod_from(weakened, name))
+        assert code != 0 and "violates PodSecurity" in out, out

@@ -67,3 +67,19 @@ def test_webhook_warns_about_missing_references(
     code, output = _apply(control_plane, namespace, automodel_job("early"))
     assert code == 0, output
     assert "Warning: spec.automodel.model: Model " + namespace + "/base was not found" in output
+
+
+def test_webhook_refuses_a_model_on_a_host_path_not_allowed(
+    control_plane: ControlPlane, webhook_operator: OperatorProcess, namespace: str
+) -> None:
+    """Refused at `kubectl apply` of the Model or FileSet itself. A job naming one stored before
+    the setting changed is refused at its own admission (tests/handlers/test_admission_fuzz.py)
+    and when the operator launches it (tests/e2e/test_operator.py)."""
+    for obj in (model("socket"), fileset("socket")):
+        obj = {**obj, "spec": {"source": {"hostPath": {"path": "/run/containerd/containerd.sock"}}}}
+        code, output = _apply(control_plane, namespace, obj)
+        assert code != 0, output
+        assert "'/run/containerd/containerd.sock' is not allowed in this cluster" in output
+        assert "allowedHostPaths" in output
+    allowed = model("allowed")  # under /models, which the tests' operator allows
+    assert _apply(control_plane, namespace, allowed)[0] == 0

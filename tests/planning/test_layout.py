@@ -62,7 +62,9 @@ def test_unsloth_layout_is_one_gpu_with_its_accumulation() -> None:
 
 
 def test_status_keys_are_camel_case() -> None:
-    status = compute_layout(_automodel({}, {})).as_status()
+    layout = compute_layout(_automodel({}, {}))
+    status = layout.as_status().wire()
+    assert list(status.values()) == list(layout.as_dict().values())
     assert set(status) == {
         "totalGpus",
         "worldSize",

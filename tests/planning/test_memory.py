@@ -261,12 +261,6 @@ def test_direction(case: str) -> None:
         (automodel("all_weights"), 1 * B, {"weights": 4, "gradients": 4, "optimizer": 8, "floor": 8}),
         # FSDP2 over 4 GPUs divides every sharded tensor by 4
         (automodel("all_weights", 4), 1 * B, {"weights": 1, "gradients": 1, "optimizer": 2, "floor": 2}),
-        # TP 2 × DP 2: still 4 ranks sharing the states
-        (
-            automodel("all_weights", 4, parallelism={"tensor_parallel_size": 2}),
-            1 * B,
-            {"weights": 1, "gradients": 1, "optimizer": 2, "floor": 2},
-        ),
         # unsloth full weights in bf16 with adamw_8bit: 2 + 2 + 2 bytes/param, no sharding
         (
             unsloth(model={"load_in_4bit": False}, training={"finetuning_type": "all_weights"}),
@@ -279,6 +273,46 @@ def test_bytes_per_parameter(section: AutomodelSpec | UnslothSpec, params: int, 
     result = estimate_of(section, params)
     for part, bytes_per_param in expected.items():
         assert getattr(result, part) == pytest.approx(bytes_per_param * params / GIB), part
+
+
+# A Llama-3.2-1B-like shape: hidden 2048, 16 layers, 128,256-token vocabulary, tied embeddings.
+SHAPED = {"hiddenSize": 2048, "numLayers": 16, "vocabSize": 128256, "tieWordEmbeddings": True}
+EMBEDDING = 2048 * 128256
+DECODER = 1.24 * B - EMBEDDING
+
+
+@pytest.mark.parametrize(
+    ("parallelism", "held"),
+    [
+        # FSDP2 over DP shards everything
+        ({"num_gpus_per_node": 4}, (DECODER + EMBEDDING) / 4),
+        # TP splits the decoder layers and keeps the (tied) embedding whole; DP 2 shards both
+        ({"num_gpus_per_node": 4, "tensor_parallel_size": 2}, DECODER / 4 + EMBEDDING / 2),
+        # PP: half the layers per stage; the first stage's embedding and the last stage's
+        # tied LM head are each a whole copy
+        ({"num_gpus_per_node": 2, "pipeline_parallel_size": 2}, DECODER / 2 + EMBEDDING),
+        # CP shards like DP (FSDP2 over DP × CP)
+        ({"num_gpus_per_node": 2, "context_parallel_size": 2}, (DECODER + EMBEDDING) / 2),
+    ],
+)
+def test_full_weights_per_part_sharding(parallelism: dict[str, int], held: float) -> None:
+    section = automodel("all_weights", parallelism=parallelism)
+    declared = model(1.24 * B).model_copy(update=SHAPED)
+    result = estimate_memory(section, compute_layout(section), declared)
+    assert result is not None
+    assert result.weights == pytest.approx(4 * held / GIB)
+    assert result.optimizer == pytest.approx(8 * held / GIB)
+    # the floor is the least any trainer could hold: everything sharded over every GPU
+    assert result.floor == pytest.approx(8 * 1.24 * B / GIB / result.gpus)
+
+
+def test_lora_adapter_split_by_tensor_parallel() -> None:
+    one, tp4 = (automodel("lora", gpus, parallelism={"tensor_parallel_size": gpus}) for gpus in (1, 4))
+    declared = model(1.24 * B).model_copy(update=SHAPED)
+    single, split = (estimate_memory(s, compute_layout(s), declared) for s in (one, tp4))
+    assert single is not None and split is not None
+    # one matrix of each A/B pair is split over 4 GPUs, the other kept whole: 5/8 of the adapter
+    assert split.gradients == pytest.approx(single.gradients * (1 + 1 / 4) / 2)
 
 
 def test_lora_floor_is_the_16_bit_base_plus_a_small_adapter() -> None:
@@ -449,7 +483,8 @@ def test_gpu_size_must_be_positive() -> None:
 
 def test_status_and_json_shapes() -> None:
     result = estimate_of(automodel("lora", 2), 8 * B)
-    assert set(result.as_status()) == {
+    assert result.as_status().wire()["totalGiB"] == result.as_dict()["total_gib"]
+    assert set(result.as_status().wire()) == {
         "weightsGiB",
         "gradientsGiB",
         "optimizerGiB",
@@ -475,5 +510,5 @@ def test_memory_report(gpu: float | None, expected_keys: set[str]) -> None:
     result = estimate_of(automodel("lora"), 8 * B)
     report = memory_report(result, gpu)
     assert report is not None
-    assert set(report) - set(result.as_status()) == expected_keys
+    assert set(report.wire()) - set(result.as_status().wire()) == expected_keys
     assert memory_report(None, gpu) is None

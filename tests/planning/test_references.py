@@ -6,7 +6,9 @@ from typing import Any
 
 import pytest
 
+from kubetune.api.resources import Source
 from kubetune.planning.inputs import sort_manifests
+from kubetune.planning.references import cluster_source_problem
 from kubetune.planning.validation import validate_job
 from tests.cases import GROUP_VERSION, automodel, unsloth
 
@@ -158,11 +160,22 @@ def test_unknown_tokenizers_are_a_warning_not_a_pass() -> None:
     assert [w.reason for w in report.warnings] == ["TokenizerUnknown"]
 
 
-def test_an_undeclared_architecture_is_a_warning_when_the_job_splits_the_model() -> None:
+@pytest.mark.parametrize(
+    ("parallelism", "field"),
+    [
+        ({"num_gpus_per_node": 2, "tensor_parallel_size": 2}, "numKeyValueHeads"),
+        ({"num_gpus_per_node": 2, "pipeline_parallel_size": 2}, "numLayers"),
+        ({"num_gpus_per_node": 2, "expert_parallel_size": 2}, "numExperts"),
+    ],
+)
+def test_an_undeclared_architecture_is_a_warning_when_the_job_splits_the_model(
+    parallelism: dict[str, int], field: str
+) -> None:
     bundle = sort_manifests([model("base-model"), DATA])
-    report = validate_job(automodel(parallelism={"num_gpus_per_node": 2, "tensor_parallel_size": 2}), bundle.catalog)
+    report = validate_job(automodel(parallelism=parallelism), bundle.catalog)
     assert report.valid
     assert [w.reason for w in report.warnings] == ["ModelSplitUnknown"]
+    assert f"spec.{field}" in report.warnings[0].message
 
 
 @pytest.mark.parametrize(
@@ -178,3 +191,29 @@ def test_an_undeclared_architecture_is_a_warning_when_the_job_splits_the_model()
 def test_model_source_is_exactly_one(source: dict[str, Any], valid: bool) -> None:
     bundle = sort_manifests([{**model("m"), "spec": {"source": source}}])
     assert (not bundle.objects[0][1].errors) is valid
+
+
+@pytest.mark.parametrize(
+    ("path", "allowed", "ok"),
+    [
+        ("/mnt/models/llama", ("/mnt/models",), True),
+        ("/mnt/models", ("/mnt/models/",), True),
+        ("/mnt/models-private/x", ("/mnt/models",), False),  # a prefix of whole path segments only
+        ("/mnt/models/../../etc", ("/mnt/models",), False),  # `..` cannot climb out
+        ("/", ("/mnt/models",), False),
+        ("/var/run/containerd/containerd.sock", (), False),  # nothing is allowed by default
+        ("/anything", ("/",), True),
+    ],
+)
+def test_host_paths_need_an_allowed_prefix(path: str, allowed: tuple[str, ...], ok: bool) -> None:
+    source = Source.model_validate({"hostPath": {"path": path}})
+    problem = cluster_source_problem(source, allowed)
+    assert (problem is None) is ok
+    if not ok:
+        assert "allowedHostPaths" in (problem or "")
+
+
+def test_relative_host_paths_are_for_kubetune_run() -> None:
+    source = Source.model_validate({"hostPath": {"path": "data/train"}})
+    assert "is relative" in (cluster_source_problem(source, ("/",)) or "")
+    assert cluster_source_problem(Source.model_validate({"pvc": {"claimName": "data"}})) is None

@@ -9,6 +9,7 @@ every child that kubetune/render/children.py renders.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 import subprocess
 from pathlib import Path
@@ -20,6 +21,7 @@ import yaml
 from kubetune.api.resources import CustomizationJobSpec, Source
 from kubetune.cli.documents import load_files
 from kubetune.cli.render import run_render
+from kubetune.handlers.peering import DEFAULT_NAME as DEFAULT_PEERING
 from kubetune.handlers.settings import OperatorSettings, SettingsError, settings_from_env
 from kubetune.planning.layout import compute_layout
 from kubetune.render.children import JobInput, render_children
@@ -78,7 +80,7 @@ EXPECTED_KINDS = {
     "default": {
         "CustomResourceDefinition": 5,  # 3 kubetune (crds/) + 2 kopf peering
         "ServiceAccount": 1,
-        "ClusterRole": 1,
+        "ClusterRole": 3,  # the operator's, kubetune-edit, kubetune-view
         "ClusterRoleBinding": 1,
         "Service": 1,
         "Deployment": 1,
@@ -87,7 +89,7 @@ EXPECTED_KINDS = {
     "webhook+servicemonitor": {
         "CustomResourceDefinition": 5,
         "ServiceAccount": 1,
-        "ClusterRole": 1,
+        "ClusterRole": 3,
         "ClusterRoleBinding": 1,
         "Service": 2,
         "Deployment": 1,
@@ -99,7 +101,7 @@ EXPECTED_KINDS = {
     "namespaced": {
         "CustomResourceDefinition": 5,
         "ServiceAccount": 1,
-        "ClusterRole": 1,
+        "ClusterRole": 3,
         "ClusterRoleBinding": 1,
         "Service": 2,
         "Deployment": 1,
@@ -110,7 +112,7 @@ EXPECTED_KINDS = {
     "cert-manager": {
         "CustomResourceDefinition": 5,
         "ServiceAccount": 1,
-        "ClusterRole": 1,
+        "ClusterRole": 3,
         "ClusterRoleBinding": 1,
         "Service": 2,
         "Deployment": 1,
@@ -122,7 +124,7 @@ EXPECTED_KINDS = {
     "no-metrics": {
         "CustomResourceDefinition": 5,
         "ServiceAccount": 1,
-        "ClusterRole": 1,
+        "ClusterRole": 3,
         "ClusterRoleBinding": 1,
         "Deployment": 1,
         "ClusterKopfPeering": 1,
@@ -151,7 +153,18 @@ def test_deployment_env_is_exactly_what_settings_reads(variant: str) -> None:
 @pytest.mark.parametrize(
     ("values", "expected"),
     [
-        ({}, {"namespaces": (), "gpu_memory_gib": None, "webhook": False, "webhook_host": None, "peering": "kubetune"}),
+        (
+            {},
+            {
+                "namespaces": (),
+                "gpu_memory_gib": None,
+                "webhook": False,
+                "webhook_host": None,
+                "peering": "kubetune",
+                "allowed_host_paths": (),
+            },
+        ),
+        ({"allowedHostPaths": ["/mnt/models", "/data"]}, {"allowed_host_paths": ("/mnt/models", "/data")}),
         (
             NAMESPACED,
             {
@@ -244,8 +257,10 @@ def test_malformed_trainer_resources_are_refused(value: str) -> None:
 
 
 def test_chart_defaults_match_the_operator_defaults() -> None:
-    # A chart that says nothing must run the operator exactly as its own defaults would.
-    assert settings_from_env(container_env(find(template(), "Deployment"))) == OperatorSettings()
+    # A chart that says nothing must run the operator exactly as its own defaults would, except
+    # that it names the peering object it creates (so a missing one is an error, not standalone).
+    chart = settings_from_env(container_env(find(template(), "Deployment")))
+    assert chart == dataclasses.replace(OperatorSettings(), peering=DEFAULT_PEERING)
 
 
 # --------------------------------------------------------------------------- the pod
@@ -319,16 +334,24 @@ def test_service_monitor_selects_the_metrics_service() -> None:
 def test_webhook_configuration(variant: str, tmp_path: Path) -> None:
     objects = template(VARIANTS[variant])
     config = find(objects, "ValidatingWebhookConfiguration")
-    (hook,) = config["webhooks"]
-    assert hook["rules"] == [
-        {
-            "apiGroups": ["kubetune.io"],
-            "apiVersions": ["v1alpha1"],
-            "operations": ["CREATE", "UPDATE"],
-            "resources": ["customizationjobs"],
-            "scope": "Namespaced",
-        }
-    ]
+    hooks = {hook["rules"][0]["resources"][0]: hook for hook in config["webhooks"]}
+    # Jobs get the whole validator; Models and FileSets the hostPath rule. kopf serves each
+    # handler at /<handler id> (operator/kubetune/handlers/operator.py).
+    paths = {resource: hook["clientConfig"]["service"]["path"] for resource, hook in hooks.items()}
+    assert paths == {"customizationjobs": "/validate", "models": "/validate-model", "filesets": "/validate-fileset"}
+    for resource, other in hooks.items():
+        assert other["rules"] == [
+            {
+                "apiGroups": ["kubetune.io"],
+                "apiVersions": ["v1alpha1"],
+                "operations": ["CREATE", "UPDATE"],
+                "resources": [resource],
+                "scope": "Namespaced",
+            }
+        ]
+        assert other["clientConfig"]["service"]["name"] == hooks["customizationjobs"]["clientConfig"]["service"]["name"]
+        assert other.get("namespaceSelector") == hooks["customizationjobs"].get("namespaceSelector")
+    hook = hooks["customizationjobs"]
     service = find(objects, "Service", hook["clientConfig"]["service"]["name"])
     assert hook["clientConfig"]["service"]["namespace"] == service["metadata"]["namespace"]
     deployment = find(objects, "Deployment")
@@ -394,7 +417,7 @@ def test_incomplete_values_fail_with_a_message(values: dict[str, Any], message: 
 
 
 def _rules() -> list[dict[str, Any]]:
-    rules: list[dict[str, Any]] = find(template(), "ClusterRole")["rules"]
+    rules: list[dict[str, Any]] = find(template(), "ClusterRole", "kt-kubetune")["rules"]  # the operator's
     return rules
 
 
@@ -470,3 +493,21 @@ def test_cluster_role(group: str, resource: str, verb: str, allowed: bool) -> No
 def test_cluster_role_has_no_wildcards() -> None:
     for rule in _rules():
         assert "*" not in rule["verbs"] + rule["resources"] + rule["apiGroups"], rule
+
+
+def test_user_roles_aggregate_into_the_built_in_roles() -> None:
+    objects = template({})
+    edit, view = find(objects, "ClusterRole", "kubetune-edit"), find(objects, "ClusterRole", "kubetune-view")
+    edit_labels, view_labels = edit["metadata"]["labels"], view["metadata"]["labels"]
+    assert edit_labels["rbac.authorization.k8s.io/aggregate-to-edit"] == "true"
+    assert edit_labels["rbac.authorization.k8s.io/aggregate-to-admin"] == "true"
+    assert view_labels["rbac.authorization.k8s.io/aggregate-to-view"] == "true"
+    writes = {verb for rule in edit["rules"] if "customizationjobs" in rule["resources"] for verb in rule["verbs"]}
+    assert {"create", "delete", "patch"} <= writes
+    # Users read status; only the operator and the trainer write it.
+    for role in (edit, view):
+        for rule in role["rules"]:
+            if any(r.endswith("/status") for r in rule["resources"]):
+                assert set(rule["verbs"]) <= {"get", "list", "watch"}
+    assert {verb for rule in view["rules"] for verb in rule["verbs"]} == {"get", "list", "watch"}
+    assert not [o for o in template({"userRoles": {"enabled": False}}) if o["metadata"]["name"].startswith("kubetune-")]

@@ -16,7 +16,6 @@ import yaml
 
 from kubetune.cli.documents import load_files
 from kubetune.cli.render import run_render
-from kubetune.render.children import ChildNames
 from tests.cases import CLUSTER_EXAMPLES, LOCAL_EXAMPLES
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -142,12 +141,6 @@ def test_render_refuses_jobs_whose_references_are_not_in_the_input(tmp_path: Pat
     )
     code, _, err = _render(path)
     assert code == 1 and "Model default/m must be in the input" in err
-
-
-def test_child_names_stay_dns_labels() -> None:
-    names = ChildNames("a" * 63)
-    for name in (names.config_map, names.service_account, names.role, names.output_claim, names.workload):
-        assert len(name) <= 63 and not name.startswith("-")
 
 
 @pytest.mark.parametrize("example", LOCAL_EXAMPLES, ids=lambda p: p.stem)

@@ -237,3 +237,21 @@ def test_hadolint() -> None:
         check=False,
     )
     assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_trainer_image_ships_the_tracking_clients_pinned() -> None:
+    """integrations.wandb / integrations.mlflow work in the image: both clients are in the trainer
+    extra (which Dockerfile.trainer installs) and pinned by constraints.txt."""
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    trainer = {
+        re.split(r"[<>=!~\[ ]", requirement)[0].lower() for requirement in project["optional-dependencies"]["trainer"]
+    }
+    pins = {
+        line.split("==")[0].strip().lower()
+        for line in (ROOT / "constraints.txt").read_text().splitlines()
+        if "==" in line and not line.startswith("#")
+    }
+    assert {"wandb", "mlflow-skinny"} <= trainer & pins
+    assert "trainer" in IMAGES["Dockerfile.trainer"][0]

@@ -109,3 +109,21 @@ def job_factory(tmp_path: Path) -> Callable[..., tuple[ResolvedJob, Path]]:
         return make_job(tmp_path / output, model, training, **kwargs)
 
     return factory
+
+
+@pytest.fixture
+def in_cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The environment of a trainer pod the operator launched (service account in tmp_path)."""
+    from kubetune_trainer import kube_status
+
+    (tmp_path / "token").write_text("t")
+    (tmp_path / "ca.crt").write_text("")
+    monkeypatch.setattr(kube_status, "SERVICE_ACCOUNT", tmp_path)
+    monkeypatch.setattr(kube_status.ssl, "create_default_context", lambda cafile=None: None)
+    for key, value in {
+        "KUBETUNE_PROGRESS": "kubernetes",
+        "KUBETUNE_JOB_NAMESPACE": "ns",
+        "KUBETUNE_JOB_NAME": "j",
+        "KUBERNETES_SERVICE_HOST": "10.0.0.1",
+    }.items():
+        monkeypatch.setenv(key, value)

@@ -10,6 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from kubetune.api.resources import DATA_FILE_SUFFIXES, Source
 from kubetune_trainer.data import (
     IGNORE_INDEX,
     ChatSample,
@@ -177,7 +178,7 @@ def test_folder_layouts_and_held_out_validation(tmp_path: Path) -> None:
     assert split_files(str(flat), None) == ([flat / "a.jsonl", flat / "b.parquet"], None)
     train_samples, val_samples = load_samples(str(flat), None, None, seed=3)
     assert (len(train_samples), len(val_samples)) == (36, 4)  # 10% held out
-    with pytest.raises(DataError, match=r"no \.jsonl or \.parquet files"):
+    with pytest.raises(DataError, match=r"no data files found \(\.jsonl, \.json, \.parquet\)"):
         data_files(_empty(tmp_path), "training")
     with pytest.raises(DataError, match="no such file or folder"):
         data_files(tmp_path / "missing", "training")
@@ -187,3 +188,44 @@ def _empty(tmp_path: Path) -> Path:
     folder = tmp_path / "empty"
     folder.mkdir()
     return folder
+
+
+JSON_WRITERS = {
+    ".jsonl": lambda rows: "".join(json.dumps(r) + "\n" for r in rows),
+    ".json": lambda rows: json.dumps(rows, indent=1),  # an array of rows
+    ".parquet": None,
+}
+
+
+@pytest.mark.parametrize("suffix", DATA_FILE_SUFFIXES)
+def test_every_suffix_the_operator_mounts_is_read(suffix: str, tmp_path: Path) -> None:
+    """One list (kubetune.api.resources.DATA_FILE_SUFFIXES): render mounts such a path as a data
+    file, and the trainer reads the file itself and finds it in folders."""
+    rows = [PROMPT, TEXT, CHAT]
+    path = tmp_path / f"data{suffix}"
+    writer = JSON_WRITERS[suffix]
+    if writer is None:
+        pq.write_table(pa.Table.from_pylist([PROMPT, PROMPT]), path)
+        rows = [PROMPT, PROMPT]
+    else:
+        path.write_text(writer(rows), encoding="utf-8")
+    assert [row.data for row in read_rows(data_files(path, "training"))] == rows
+    assert data_files(tmp_path, "training") == [path]
+    from kubetune.render.children import Mount
+
+    assert Mount(
+        "training", Source.model_validate({"pvc": {"claimName": "c", "path": f"/x/data{suffix}"}}), "/d"
+    ).is_file
+
+
+def test_json_lines_under_a_json_name_and_bad_json_rows(tmp_path: Path) -> None:
+    lines = tmp_path / "lines.json"
+    lines.write_text(json.dumps(PROMPT) + "\n" + json.dumps(TEXT) + "\n", encoding="utf-8")
+    assert [row.data for row in read_rows([lines])] == [PROMPT, TEXT]
+    array = tmp_path / "bad.json"
+    array.write_text(json.dumps([PROMPT, "not a row"]), encoding="utf-8")
+    with pytest.raises(DataError, match=r"bad.json:row 2: a row must be a JSON object, got str"):
+        read_rows([array])
+    (tmp_path / "data.csv").write_text("a,b\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"unsupported data file type; use one of .jsonl, .json, .parquet"):
+        data_files(tmp_path / "data.csv", "training")

@@ -68,7 +68,10 @@ KINDS = ("lora", "all_weights", "distill")
 
 
 def spec_for(kind: str, parallelism: dict[str, int] | None = None) -> dict[str, Any]:
-    training = {"training_type": "distillation", "finetuning_type": "lora"} if kind == "distill" else {}
+    # An fp32 teacher: a bf16 one rounds differently on a pipeline's padded micro batches or a
+    # context-parallel slice, and the student would follow that rounding, not the layout.
+    distill = {"training_type": "distillation", "finetuning_type": "lora", "teacher_precision": "fp32"}
+    training = distill if kind == "distill" else {}
     training.setdefault("finetuning_type", kind)
     return {**SPEC, "training": training, **({"parallelism": parallelism} if parallelism else {})}
 

@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import pytest
 import torch
 
 from kubetune.api.automodel import AutomodelSpec
 from kubetune.api.unsloth import UnslothSpec
 from kubetune.planning.layout import compute_layout
 from kubetune.planning.resolved import JobIdentity, ResolvedJob, ResolvedPaths, resolve
-from kubetune_trainer import kube_status
 from kubetune_trainer.automodel.engine import make_reporter
 from kubetune_trainer.config import RunOptions
 from kubetune_trainer.distributed import World
@@ -26,21 +22,6 @@ def _job(section: AutomodelSpec | UnslothSpec) -> ResolvedJob:
         JobIdentity(name="j", namespace="ns"),
         ResolvedPaths(model="/m", training="/d", output="/o"),
     )
-
-
-@pytest.fixture
-def in_cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    (tmp_path / "token").write_text("t")
-    (tmp_path / "ca.crt").write_text("")
-    monkeypatch.setattr(kube_status, "SERVICE_ACCOUNT", tmp_path)
-    monkeypatch.setattr(kube_status.ssl, "create_default_context", lambda cafile=None: None)
-    for key, value in {
-        "KUBETUNE_PROGRESS": "kubernetes",
-        "KUBETUNE_JOB_NAMESPACE": "ns",
-        "KUBETUNE_JOB_NAME": "j",
-        "KUBERNETES_SERVICE_HOST": "10.0.0.1",
-    }.items():
-        monkeypatch.setenv(key, value)
 
 
 def test_automodel_rank0_reports_to_the_job_status(in_cluster: None) -> None:

@@ -47,15 +47,22 @@ class Batch:
     """Tokens that are predicted with loss (labels shifted by one)."""
 
     def model_inputs(self, device: torch.device) -> dict[str, Any]:
-        # No KV cache: with one, transformers skips the packed-sequence (block-diagonal) mask.
-        inputs: dict[str, Any] = {
-            "input_ids": self.input_ids.to(device),
-            "position_ids": self.position_ids.to(device),
-            "use_cache": False,
-        }
-        if self.attention_mask is not None:
-            inputs["attention_mask"] = self.attention_mask.to(device)
-        return inputs
+        return model_inputs(self.input_ids, self.position_ids, self.attention_mask, device)
+
+
+def model_inputs(
+    input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor | None, device: torch.device
+) -> dict[str, Any]:
+    """The keyword arguments of a causal LM's forward for these tensors, on `device`."""
+    # No KV cache: with one, transformers skips the packed-sequence (block-diagonal) mask.
+    inputs: dict[str, Any] = {
+        "input_ids": input_ids.to(device),
+        "position_ids": position_ids.to(device),
+        "use_cache": False,
+    }
+    if attention_mask is not None:
+        inputs["attention_mask"] = attention_mask.to(device)
+    return inputs
 
 
 def pack(examples: Sequence[Example], max_length: int, seed: int) -> list[PackedSequence]:

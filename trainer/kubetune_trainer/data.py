@@ -3,7 +3,9 @@
 Backend-neutral (both trainer backends use it). Everything here runs before a model is
 loaded, so a malformed row fails in seconds with `file:line: what is wrong`.
 
-Files: JSON Lines (`.jsonl`, one object per line) and Parquet (`.parquet`). A data path is
+Files (`kubetune.api.resources.DATA_FILE_SUFFIXES`, the list the operator mounts by): JSON
+Lines (`.jsonl`, one object per line), JSON (`.json`: an array of row objects, or one object
+per line as JSON Lines) and Parquet (`.parquet`). A data path is
 a file, or a folder: the files under its `training/` (or `validation/`) subfolder when it
 has one, else the data files at its root — the layout NeMo Customizer filesets use.
 
@@ -35,8 +37,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from kubetune.api.resources import DATA_FILE_SUFFIXES
+
 IGNORE_INDEX = -100
-DATA_SUFFIXES = (".jsonl", ".parquet")
 ROLES = ("system", "user", "assistant", "tool")
 COMPLETION_SEPARATOR = "|||"
 VALIDATION_FRACTION = 0.1
@@ -57,17 +60,17 @@ def data_files(path: str | Path, subfolder: Literal["training", "validation"]) -
     """The data files a path stands for (see the module docstring)."""
     root = Path(path)
     if root.is_file():
-        if root.suffix not in DATA_SUFFIXES:
-            raise DataError(f"{root}: unsupported data file type; use .jsonl or .parquet")
+        if root.suffix not in DATA_FILE_SUFFIXES:
+            raise DataError(f"{root}: unsupported data file type; use one of {', '.join(DATA_FILE_SUFFIXES)}")
         return [root]
     if not root.is_dir():
         raise DataError(f"{root}: no such file or folder")
     base = root / subfolder if (root / subfolder).is_dir() else root
-    files = sorted(p for p in base.rglob("*") if p.is_file() and p.suffix in DATA_SUFFIXES)
+    files = sorted(p for p in base.rglob("*") if p.is_file() and p.suffix in DATA_FILE_SUFFIXES)
     if base == root:  # files at the root: a sibling validation/ folder is not training data
         files = [p for p in files if "validation" not in p.relative_to(root).parts[:-1]]
     if not files:
-        raise DataError(f"{base}: no .jsonl or .parquet files found")
+        raise DataError(f"{base}: no data files found ({', '.join(DATA_FILE_SUFFIXES)})")
     return files
 
 
@@ -95,7 +98,12 @@ class Row:
 def read_rows(files: Sequence[Path]) -> list[Row]:
     rows: list[Row] = []
     for path in files:
-        rows.extend(_read_parquet(path) if path.suffix == ".parquet" else _read_jsonl(path))
+        if path.suffix == ".parquet":
+            rows.extend(_read_parquet(path))
+        elif path.suffix == ".json":
+            rows.extend(_read_json(path))
+        else:
+            rows.extend(_read_jsonl(path))
     return rows
 
 
@@ -112,6 +120,23 @@ def _read_jsonl(path: Path) -> Iterator[Row]:
             if not isinstance(data, dict):
                 raise DataError(f"{where}: a row must be a JSON object, got {type(data).__name__}")
             yield Row(where, data)
+
+
+def _read_json(path: Path) -> Iterator[Row]:
+    """A `.json` file: an array of row objects, or JSON Lines under a .json name (both are common)."""
+    text = path.read_text(encoding="utf-8")
+    if not text.lstrip().startswith("["):
+        yield from _read_jsonl(path)
+        return
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise DataError(f"{path}:{error.lineno}: invalid JSON: {error.msg} (column {error.colno})") from None
+    for number, item in enumerate(data, start=1):
+        where = f"{path}:row {number}"
+        if not isinstance(item, dict):
+            raise DataError(f"{where}: a row must be a JSON object, got {type(item).__name__}")
+        yield Row(where, item)
 
 
 def _read_parquet(path: Path) -> Iterator[Row]:

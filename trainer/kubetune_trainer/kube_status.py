@@ -73,13 +73,21 @@ class KubernetesStatusReporter:
         event, self._pending = self._pending, None
         self._last_sent = time.monotonic()
         try:
-            self._patch({"status": {"progress": event.to_status()}})
+            self._patch({"status": {"progress": event.to_status().wire()}})
         except (OSError, urllib.error.URLError) as error:  # HTTPError is a URLError
             self.failures += 1
             log.warning("could not report progress to %s: %s", self.url, error)
 
     def close(self) -> None:
         self.flush()
+
+    def publish(self, status: dict[str, Any]) -> None:
+        """Merge other status fields now (e.g. `tracking`, the experiment runs' URLs); never raises."""
+        try:
+            self._patch({"status": status})
+        except (OSError, urllib.error.URLError) as error:
+            self.failures += 1
+            log.warning("could not report %s to %s: %s", ", ".join(status), self.url, error)
 
     def _patch(self, body: dict[str, Any]) -> None:
         request = urllib.request.Request(

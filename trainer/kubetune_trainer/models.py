@@ -7,7 +7,6 @@ downloaded into the cache (`HF_HOME`) only when the hub is reachable.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -21,19 +20,16 @@ class ModelError(RuntimeError):
     """A model that cannot be found, downloaded or used; the message says what to do."""
 
 
-def local_model_path(path: str) -> str:
-    """A local folder for `path`, downloading `hf://org/name` when possible."""
-    if path.startswith(HF_SCHEME):
-        repo_id = path[len(HF_SCHEME) :]
-        try:
-            from huggingface_hub import snapshot_download
+def local_model_path(path: str, world: Any = None) -> str:
+    """A local folder for `path`; `hf://org/name` is downloaded once per node (kubetune_trainer.hub).
 
-            return str(snapshot_download(repo_id))
-        except Exception as error:
-            raise ModelError(
-                f"cannot download {path}: {type(error).__name__}: {error}. The hub may be unreachable from "
-                "here; put the model on a volume and use a Model with source.pvc or source.hostPath instead"
-            ) from None
+    `world` (a `distributed.World`) is the process group under torchrun; None is one process.
+    """
+    if path.startswith(HF_SCHEME):
+        from kubetune_trainer.distributed import World
+        from kubetune_trainer.hub import hub_model_path
+
+        return hub_model_path(path, world if world is not None else World(0, 0, 1, torch.device("cpu")))
     folder = Path(path)
     if not (folder / "config.json").is_file():
         what = "does not exist" if not folder.exists() else "has no config.json (not a Hugging Face model folder)"
@@ -48,11 +44,12 @@ def quiet_transformers() -> None:
     logging.disable_progress_bar()  # type: ignore[no-untyped-call]
 
 
-def load_tokenizer(path: str) -> Any:
+def load_tokenizer(path: str, trust_remote_code: bool = False) -> Any:
+    """The model's tokenizer; `trust_remote_code` must match the model's load (a custom tokenizer class)."""
     from transformers import AutoTokenizer
 
     quiet_transformers()
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
     if tokenizer.eos_token_id is None:
         raise ModelError(f"the tokenizer in {path} has no EOS token; training needs one so generation stops")
     return tokenizer
@@ -67,22 +64,28 @@ def pad_id(tokenizer: Any) -> int:
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def load_config(path: str) -> Any:
+def load_config(path: str, trust_remote_code: bool = False) -> Any:
     """The model's transformers config (config.json only: no weights)."""
     from transformers import AutoConfig
 
-    trust = os.environ.get("KUBETUNE_TRUST_REMOTE_CODE") == "1"
-    return AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=trust)
+    return AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
 
 
-def load_causal_lm(path: str, dtype: torch.dtype = torch.float32) -> nn.Module:
+def load_causal_lm(path: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
-    trust = os.environ.get("KUBETUNE_TRUST_REMOTE_CODE") == "1"
     model: nn.Module = AutoModelForCausalLM.from_pretrained(
-        path, dtype=dtype, local_files_only=True, trust_remote_code=trust
+        path, dtype=dtype, local_files_only=True, trust_remote_code=trust_remote_code
     )
     return model
+
+
+def base_weights_dtype(device: torch.device, lora: bool) -> torch.dtype:
+    """How the student's weights are stored: fp32 when they are trained (the optimizer's master
+    copy) and on CPU; bf16 under a LoRA adapter on a GPU, where they are frozen and every
+    matmul runs in bf16 anyway — half the memory, what the memory pre-flight counts
+    (kubetune.planning.memory). peft keeps the adapter itself in fp32."""
+    return torch.bfloat16 if lora and device.type == "cuda" else torch.float32
 
 
 def linear_layer_names(model: nn.Module) -> list[str]:

@@ -7,7 +7,10 @@ Backend-neutral. The result goes to `<output>/<output name>/`:
 - `model` (merged LoRA or full weights): safetensors weights, config, tokenizer; load
   with `AutoModelForCausalLM.from_pretrained(folder)`.
 
-Both get `kubetune.json` (base model, job, training settings, final metrics). The folder
+Merged and full-weight results are saved in the base model's own dtype (its config's
+`dtype`: a bf16 model gives a bf16 result, not the fp32 the weights trained in); adapters
+keep peft's fp32. Both get `kubetune.json` (base model, job, training settings, final
+metrics, the result's `dtype` and `size_bytes`). The folder
 is written as `.<name>.partial` and renamed when complete, so a result folder that exists
 is a finished result: a restarted job that finds it has nothing left to do.
 """
@@ -51,19 +54,40 @@ def build_result_model(
     training model names them: LoRA weights only for LoRA runs, everything for full runs.
     """
     model = load_causal_lm(base_path, torch.float32)
+    own_dtype = model_dtype(base_path)
     if lora is None:
         _, unexpected = model.load_state_dict(trained, strict=False)
         if unexpected:
             raise RuntimeError(f"trained weights do not fit the base model: unexpected {unexpected[:5]}")
-        return model
+        return model.to(own_dtype)
     peft_model = add_lora(model, lora["rank"], lora["alpha"], lora["target_modules"])
     _, unexpected = peft_model.load_state_dict(trained, strict=False)
     if unexpected:
         raise RuntimeError(f"trained adapter does not fit the base model: unexpected {unexpected[:5]}")
     if merge:
-        merged: nn.Module = peft_model.merge_and_unload()  # type: ignore[operator]
-        return merged
+        merged: nn.Module = peft_model.merge_and_unload()  # type: ignore[operator]  # merged in fp32, then cast once
+        return merged.to(own_dtype)
     return peft_model
+
+
+def model_dtype(base_path: str) -> torch.dtype:
+    """The dtype a model folder's config declares (`dtype`, older `torch_dtype`); fp32 when it says none."""
+    config = json.loads((Path(base_path) / "config.json").read_text(encoding="utf-8"))
+    name = config.get("dtype") or config.get("torch_dtype") or "float32"
+    dtype = getattr(torch, str(name), None)
+    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32
+
+
+def folder_size(folder: Path) -> int:
+    return sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
+
+
+def weights_dtype(model: nn.Module) -> str:
+    """The dtype of the saved weights, as `torch.<name>` without the prefix (e.g. `bfloat16`)."""
+    dtypes = {p.dtype for p in model.parameters() if p.dtype.is_floating_point and p.requires_grad} or {
+        p.dtype for p in model.parameters() if p.dtype.is_floating_point
+    }
+    return ",".join(sorted(str(d).removeprefix("torch.") for d in dtypes))
 
 
 def job_record(job: ResolvedJob) -> dict[str, Any]:
@@ -93,7 +117,7 @@ def write_result(
         model.save_pretrained(folder, safe_serialization=True)  # type: ignore[operator]
         tokenizer.save_pretrained(folder)
 
-    return write_result_with(save, output_root, name, info)
+    return write_result_with(save, output_root, name, {**info, "dtype": weights_dtype(model)})
 
 
 def write_result_with(save: Callable[[Path], None], output_root: str | Path, name: str, info: dict[str, Any]) -> Path:
@@ -111,6 +135,7 @@ def write_result_with(save: Callable[[Path], None], output_root: str | Path, nam
         "kubetune_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         **info,
+        "size_bytes": folder_size(partial),
     }
     (partial / RESULT_FILE).write_text(json.dumps(record, indent=2, default=str) + "\n", encoding="utf-8")
     if final.exists():

@@ -13,7 +13,7 @@ reports; other ranks get `NullReporter`. Sinks shipped here:
 `kubetune_trainer.metrics.PrometheusReporter` exports the same events as gauges.
 
 The cluster transport (patching `CustomizationJob.status.progress`) implements the same
-Protocol; `ProgressEvent.to_status()` already returns the status' camelCase shape.
+Protocol; `ProgressEvent.to_status()` builds the operator's `status.progress` model.
 A reporter must never raise into the training loop for a transport problem: it logs and
 carries on (training matters more than its progress bar).
 """
@@ -28,6 +28,8 @@ from pathlib import Path
 from typing import Any, Literal, Protocol, TextIO
 
 from tqdm import tqdm  # type: ignore[import-untyped]
+
+from kubetune.api.resources import ProgressStatus
 
 EventKind = Literal["start", "step", "validation", "checkpoint", "end"]
 
@@ -62,23 +64,22 @@ class ProgressEvent:
         data["percentage_done"] = round(self.percentage_done, 2)
         return data
 
-    def to_status(self) -> dict[str, Any]:
-        """The `status.progress` shape of a CustomizationJob (camelCase, DESIGN.md)."""
-        status: dict[str, Any] = {
-            "step": self.step,
-            "maxSteps": self.max_steps,
-            "epoch": round(self.epoch, 4),
-            "numEpochs": self.num_epochs,
-            "percentageDone": round(self.percentage_done, 2),
-            "trainLoss": self.loss,
-            "valLoss": self.val_loss,
-            "trainLr": self.lr,
-            "tokensPerSecond": self.tokens_per_second,
-            "etaSeconds": self.eta_seconds,
-            "checkpointPath": self.checkpoint_path,
-            "updatedAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.time)),
-        }
-        return {key: value for key, value in status.items() if value is not None}
+    def to_status(self) -> ProgressStatus:
+        """`status.progress` of a CustomizationJob (the operator's model; unknown values stay unset)."""
+        return ProgressStatus(
+            step=self.step,
+            maxSteps=self.max_steps,
+            epoch=round(self.epoch, 4),
+            numEpochs=self.num_epochs,
+            percentageDone=round(self.percentage_done, 2),
+            trainLoss=self.loss,
+            valLoss=self.val_loss,
+            trainLr=self.lr,
+            tokensPerSecond=self.tokens_per_second,
+            etaSeconds=self.eta_seconds,
+            checkpointPath=self.checkpoint_path,
+            updatedAt=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.time)),
+        )
 
 
 class Reporter(Protocol):

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import sys
 
+from kubetune.api.resources import TrackingStatus
 from kubetune.planning.resolved import ResolvedJob
 from kubetune_trainer.config import RunOptions
 from kubetune_trainer.kube_status import reporter_from_env
-from kubetune_trainer.metrics import PrometheusReporter, integration_reporters
+from kubetune_trainer.metrics import PrometheusReporter
 from kubetune_trainer.progress import ConsoleReporter, JsonLinesReporter, LogLinesReporter, MultiReporter, Reporter
+from kubetune_trainer.tracking import start_trackers
 
 
 def job_reporter(job: ResolvedJob, options: RunOptions) -> MultiReporter:
@@ -28,6 +30,11 @@ def job_reporter(job: ResolvedJob, options: RunOptions) -> MultiReporter:
     cluster = reporter_from_env()
     if cluster is not None:
         reporters.append(cluster)
-    config = job.section.model_dump(mode="json")
-    reporters += integration_reporters(job.section.integrations, job.output.name, job.job.name, config)
-    return MultiReporter(reporters)
+    trackers = start_trackers(job)
+    urls = {name: tracker.run_url for name, tracker in trackers.items()}
+    for name, url in urls.items():  # in the log of `kubetune run` and of the pod
+        print(f"kubetune: {name} run: {url}", file=sys.stderr, flush=True)
+    if cluster is not None and urls:
+        tracking = TrackingStatus(mlflowRunUrl=urls.get("mlflow"), wandbRunUrl=urls.get("wandb"))
+        cluster.publish({"tracking": tracking.wire()})
+    return MultiReporter([*reporters, *trackers.values()])

@@ -11,7 +11,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, StringConstraints, model_validator
 
-from kubetune.api.common import MAX_LIST_ITEMS, MAX_TEXT_LENGTH, DnsLabel, Reference, Section
+from kubetune.api.common import MAX_LIST_ITEMS, MAX_NODES, MAX_TEXT_LENGTH, DnsSubdomain, Reference, Section
 from kubetune.api.integrations import Integrations
 
 AutomodelTrainingType = Literal["sft", "distillation"]
@@ -125,7 +125,7 @@ class AutomodelOptimizer(Section):
 
 
 class AutomodelParallelism(Section):
-    num_nodes: int = Field(1, gt=0, le=4096, description="Number of training nodes.")
+    num_nodes: int = Field(1, gt=0, le=MAX_NODES, description="Number of training nodes.")
     num_gpus_per_node: int = Field(1, gt=0, le=64, description="GPUs per node.")
     tensor_parallel_size: int = Field(
         1, gt=0, le=4096, description="GPUs for tensor parallelism (splits layers across GPUs)."
@@ -145,7 +145,7 @@ class AutomodelParallelism(Section):
 
 
 class AutomodelOutput(Section):
-    name: DnsLabel = Field(description="Name of the Model the job creates.")
+    name: DnsSubdomain = Field(description="Name of the Model the job creates.")
     description: str | None = Field(None, max_length=MAX_TEXT_LENGTH, description="Description of the output Model.")
 
 

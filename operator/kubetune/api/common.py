@@ -18,17 +18,31 @@ API_GROUP = "kubetune.io"
 API_VERSION = "v1alpha1"
 GROUP_VERSION = f"{API_GROUP}/{API_VERSION}"
 
-DNS_LABEL_PATTERN = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"
+# Kubernetes' name rules (k8s.io/apimachinery/pkg/util/validation), the one copy in kubetune:
+# - DNS-1123 label (namespaces, CustomizationJobs, label values): at most 63 of [a-z0-9-],
+#   alphanumeric at both ends;
+# - DNS-1123 subdomain (Models, FileSets, claims, ConfigMaps, ...): dot-separated labels, at
+#   most 253 characters, so `llama-3.1-8b-instruct` is a valid Model name;
+# - DNS-1035 label (Services, and the PyTorchJob the training-operator names them after): a
+#   DNS-1123 label that starts with a letter.
+# (Kubernetes bounds a subdomain's length as a whole, 253, not each dot-separated part.)
 _LABEL = r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?"
-REFERENCE_PATTERN = rf"^({_LABEL}/)?{_LABEL}$"
+_PART = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?"
+DNS_LABEL_PATTERN = rf"^{_LABEL}$"
+DNS_SUBDOMAIN_PATTERN = rf"^{_PART}(\.{_PART})*$"
+DNS1035_LABEL_PATTERN = r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$"
+REFERENCE_PATTERN = rf"^({_LABEL}/)?{_PART}(\.{_PART})*$"
 GPU_LIST_PATTERN = r"^[0-9]+(,[0-9]+)*$"
 
 # Bounds that keep the API server's CEL cost estimate low (DESIGN.md: give strings a
 # maxLength and lists a maxItems) and that no real job comes near.
 MAX_NAME_LENGTH = 63
-MAX_REFERENCE_LENGTH = 127
+MAX_SUBDOMAIN_LENGTH = 253
+MAX_REFERENCE_LENGTH = MAX_NAME_LENGTH + 1 + MAX_SUBDOMAIN_LENGTH
 MAX_TEXT_LENGTH = 4096
 MAX_LIST_ITEMS = 64
+MAX_NODES = 4096
+"""The most nodes one job may use (`parallelism.num_nodes`); bounds the replicas' Service names."""
 
 
 class Section(BaseModel):
@@ -46,12 +60,29 @@ def _check_dns_label(value: str) -> str:
     return value
 
 
+_SUBDOMAIN_RULE = (
+    "at most 253 lowercase letters, digits, '-' and '.', starting and ending with a letter or digit "
+    "(the Kubernetes rule for object names)"
+)
+
+
+def is_dns_subdomain(value: str) -> bool:
+    return len(value) <= MAX_SUBDOMAIN_LENGTH and re.fullmatch(DNS_SUBDOMAIN_PATTERN, value) is not None
+
+
+def _check_dns_subdomain(value: str) -> str:
+    if not is_dns_subdomain(value):
+        raise ValueError(f"{value!r} is not a valid name: use {_SUBDOMAIN_RULE}")
+    return value
+
+
 def _check_reference(value: str) -> str:
-    parts = value.split("/")
-    if len(parts) > 2 or not all(re.fullmatch(_LABEL, part) for part in parts):
+    workspace, slash, name = value.rpartition("/")
+    if (slash and not re.fullmatch(DNS_LABEL_PATTERN, workspace)) or not is_dns_subdomain(name):
         raise ValueError(
-            f"{value!r} is not a valid reference: write `name` or `workspace/name`, where each part "
-            "is a DNS label (lowercase letters, digits and '-', at most 63 characters)"
+            f"{value!r} is not a valid reference: write `name` or `workspace/name`, where the workspace "
+            f"is a namespace (a DNS label: at most 63 lowercase letters, digits and '-') and the name has "
+            f"{_SUBDOMAIN_RULE}"
         )
     return value
 
@@ -71,6 +102,13 @@ DnsLabel = Annotated[
     WithJsonSchema({"type": "string", "pattern": DNS_LABEL_PATTERN, "maxLength": MAX_NAME_LENGTH}),
 ]
 """A Kubernetes object name that is also a DNS label (RFC 1123)."""
+
+DnsSubdomain = Annotated[
+    str,
+    AfterValidator(_check_dns_subdomain),
+    WithJsonSchema({"type": "string", "pattern": DNS_SUBDOMAIN_PATTERN, "maxLength": MAX_SUBDOMAIN_LENGTH}),
+]
+"""A Kubernetes object name that is a DNS subdomain (RFC 1123): Models, FileSets, claims."""
 
 Reference = Annotated[
     str,

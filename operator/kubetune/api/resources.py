@@ -6,7 +6,7 @@ The backend sections keep NeMo Customizer's snake_case names; everything Kuberne
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
@@ -14,8 +14,10 @@ from kubetune.api.automodel import AutomodelSpec
 from kubetune.api.common import (
     MAX_LIST_ITEMS,
     MAX_NAME_LENGTH,
+    MAX_SUBDOMAIN_LENGTH,
     MAX_TEXT_LENGTH,
     DnsLabel,
+    DnsSubdomain,
     Reference,
     Section,
 )
@@ -38,7 +40,7 @@ Quantity = Annotated[
 
 
 class PvcSource(Section):
-    claimName: DnsLabel = Field(description="PersistentVolumeClaim holding the files, in the object's namespace.")
+    claimName: DnsSubdomain = Field(description="PersistentVolumeClaim holding the files, in the object's namespace.")
     path: Path = Field("/", description="Folder (or file) inside the claim.")
 
 
@@ -54,6 +56,13 @@ class Source(Section):
     uri: Annotated[str, StringConstraints(pattern=r"^hf://[^/\s]+/[^/\s]+$", max_length=MAX_TEXT_LENGTH)] | None = (
         Field(None, description="A hub URI `hf://org/name`, downloaded when the network allows it.")
     )
+    tokenSecret: DnsLabel | None = Field(
+        None,
+        description=(
+            "For a `uri` source: a Secret in the namespace of the jobs that use it whose `HF_TOKEN` key is the "
+            "hub token (gated or private models); it reaches the trainer as HF_TOKEN via a secretKeyRef."
+        ),
+    )
 
 
 # --------------------------------------------------------------------------- Model / FileSet
@@ -61,6 +70,18 @@ class Source(Section):
 
 class Adapter(Section):
     baseModel: Reference = Field(description="The full-weight Model this LoRA adapter applies to.")
+
+
+class ModelTraining(Section):
+    """How a Model was made, filled by the operator on the Models its jobs create."""
+
+    job: ShortString = Field(description="The CustomizationJob that trained it (`namespace/name`).")
+    baseModel: ShortString = Field(description="The Model it was trained from (`name` or `workspace/name`).")
+    backend: Literal["automodel", "unsloth"] = Field(description="The trainer backend.")
+    trainingType: ShortString = Field(description="`sft` or `distillation`.")
+    finetuningType: ShortString = Field(description="`lora`, `lora_merged` or `all_weights`.")
+    finalLoss: float | None = Field(None, description="Training loss of the last step.")
+    finalValLoss: float | None = Field(None, description="The last validation loss.")
 
 
 class ModelSpec(Section):
@@ -80,12 +101,30 @@ class ModelSpec(Section):
     numLayers: int | None = Field(
         None, gt=0, description="Decoder layers (`num_hidden_layers`): each pipeline stage needs at least one."
     )
+    hiddenSize: int | None = Field(
+        None, gt=0, description="Hidden size (`hidden_size`): sizes the embeddings in the memory estimate."
+    )
+    vocabSize: int | None = Field(
+        None,
+        gt=0,
+        description="Vocabulary size (`vocab_size`): sizes the embeddings and logits in the memory estimate.",
+    )
+    tieWordEmbeddings: bool | None = Field(
+        None, description="Whether the LM head shares the input embedding (`tie_word_embeddings`)."
+    )
     adapter: Adapter | None = Field(
         None, description="Present when this Model is a LoRA adapter; absent for full weights."
     )
     sharedWith: list[DnsLabel] | None = Field(
         None, max_length=MAX_LIST_ITEMS, description="Namespaces whose jobs may use this Model."
     )
+    description: str | None = Field(None, max_length=MAX_TEXT_LENGTH, description="What this model is.")
+    training: ModelTraining | None = Field(None, description="Present on Models created by a CustomizationJob.")
+
+
+DATA_FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
+"""The data file types of a FileSet, one list for both sides: the operator mounts a source path
+with one of these suffixes as a file, and the trainer reads exactly these (kubetune_trainer.data)."""
 
 
 class FileSetSpec(Section):
@@ -122,7 +161,7 @@ class Scheduling(Section):
 
 
 class Storage(Section):
-    claimName: DnsLabel | None = Field(
+    claimName: DnsSubdomain | None = Field(
         None,
         description="Existing PersistentVolumeClaim for checkpoints and the result; the job writes under "
         "a folder named after itself. Without it the operator creates a claim of `size`.",
@@ -149,9 +188,18 @@ class CustomizationJobSpec(Section):
 
 
 class StatusModel(BaseModel):
-    """Status is written by the operator: lenient about extra keys (kopf keeps its own there)."""
+    """Status is written by the operator: lenient about extra keys (kopf keeps its own there).
+
+    Everything the operator and the trainer write into `status` is built from these models and
+    sent as `wire()`: the one way to write status.
+    """
 
     model_config = ConfigDict(extra="allow")
+
+    def wire(self) -> dict[str, Any]:
+        """The JSON sent in a status merge patch: camelCase, and no key for what is unknown
+        (None), so a patch never erases a value another writer put there."""
+        return self.model_dump(mode="json", exclude_none=True)
 
 
 class Condition(StatusModel):
@@ -189,9 +237,18 @@ class ProgressStatus(StatusModel):
 
 
 class OutputStatus(StatusModel):
-    name: str = Field(max_length=MAX_NAME_LENGTH)
+    name: str = Field(max_length=MAX_SUBDOMAIN_LENGTH)
     type: Literal["adapter", "model"]
     path: str | None = Field(None, max_length=MAX_TEXT_LENGTH)
+
+
+class TrackingStatus(StatusModel):
+    """Where the job's experiment-tracking runs are (written by the trainer when they start)."""
+
+    mlflowRunUrl: str | None = Field(None, max_length=MAX_TEXT_LENGTH, description="The MLflow run's page.")
+    wandbRunUrl: str | None = Field(
+        None, max_length=MAX_TEXT_LENGTH, description="The W&B run's page (a file:// folder for an offline run)."
+    )
 
 
 class MemoryStatus(StatusModel):
@@ -219,6 +276,7 @@ class CustomizationJobStatus(StatusModel):
     layout: LayoutStatus | None = None
     progress: ProgressStatus | None = None
     output: OutputStatus | None = None
+    tracking: TrackingStatus | None = None
     memoryEstimate: MemoryStatus | None = None
 
 

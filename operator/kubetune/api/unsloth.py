@@ -11,7 +11,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, PlainValidator, StringConstraints, WithJsonSchema, model_validator
 
-from kubetune.api.common import MAX_LIST_ITEMS, MAX_TEXT_LENGTH, DnsLabel, GpuList, Reference, Section
+from kubetune.api.common import MAX_LIST_ITEMS, MAX_TEXT_LENGTH, DnsSubdomain, GpuList, Reference, Section
 from kubetune.api.integrations import Integrations
 
 UnslothTrainingType = Literal["sft"]
@@ -68,7 +68,8 @@ class UnslothLora(Section):
     alpha: int = Field(16, gt=0, le=65536, description="LoRA scaling factor.")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="LoRA dropout probability.")
     target_modules: list[ModuleName] = Field(
-        default_factory=lambda: list(UNSLOTH_TARGET_MODULES),
+        # A plain default (pydantic copies it per instance), so the live schema and the CRD show it.
+        list(UNSLOTH_TARGET_MODULES),
         min_length=1,
         max_length=MAX_LIST_ITEMS,
         description="Modules to adapt; defaults to Unsloth's 7-module set (q/k/v/o and gate/up/down projections).",
@@ -139,7 +140,9 @@ class UnslothHardware(Section):
 
 
 class UnslothOutput(Section):
-    name: DnsLabel | None = Field(None, description="Name of the Model the job creates; generated from the job name.")
+    name: DnsSubdomain | None = Field(
+        None, description="Name of the Model the job creates; generated from the job name."
+    )
     description: str | None = Field(None, max_length=MAX_TEXT_LENGTH, description="Description of the output Model.")
     save_method: SaveMethod = Field(
         "lora",

@@ -24,6 +24,9 @@ def _parser() -> argparse.ArgumentParser:
     validate = commands.add_parser("validate", help="check CustomizationJobs (and their Models/FileSets)")
     validate.add_argument("files", nargs="+", metavar="FILE", help="multi-document YAML files")
     validate.add_argument("-o", "--output", choices=["text", "json"], default="text", help="output format")
+    validate.add_argument(
+        "--gpu-type", metavar="TYPE", help="the cluster's GPU type (e.g. A100, T4), as the operator's gpuType setting"
+    )
 
     schema = commands.add_parser("schema", help="print the live JSON schema of a backend section")
     schema.add_argument("backend", choices=["automodel", "unsloth"])
@@ -50,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "validate":
-            return run_validate(load_files(args.files), args.output, sys.stdout)
+            return run_validate(load_files(args.files), args.output, sys.stdout, args.gpu_type)
         if args.command == "render":
             return run_render(load_files(args.files), sys.stdout, sys.stderr)
         if args.command == "operator":

@@ -18,14 +18,16 @@ from kubetune.planning.validation import JobReport, validate_job
 EXIT_VALID, EXIT_INVALID, EXIT_USAGE = 0, 1, 2
 
 
-def validate_documents(documents: list[Document]) -> tuple[Bundle, list[tuple[Document, JobReport]]]:
+def validate_documents(
+    documents: list[Document], gpu_type: str | None = None
+) -> tuple[Bundle, list[tuple[Document, JobReport]]]:
     bundle = sort_manifests([document.body for document in documents])
-    reports = [(documents[index], validate_job(manifest, bundle.catalog)) for index, manifest in bundle.jobs]
+    reports = [(documents[index], validate_job(manifest, bundle.catalog, gpu_type)) for index, manifest in bundle.jobs]
     return bundle, reports
 
 
-def run_validate(documents: list[Document], output: str, out: TextIO) -> int:
-    bundle, reports = validate_documents(documents)
+def run_validate(documents: list[Document], output: str, out: TextIO, gpu_type: str | None = None) -> int:
+    bundle, reports = validate_documents(documents, gpu_type)
     objects_valid = all(not report.errors for _, report in bundle.objects)
     if output == "json":
         json.dump([report.to_json() for _, report in reports], out, indent=2)

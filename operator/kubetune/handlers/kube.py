@@ -5,6 +5,7 @@ whether to retry: API failures become `kopf.TemporaryError` (retry later) or
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -12,12 +13,29 @@ from typing import Any
 import kopf
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
-from kubernetes.dynamic import DynamicClient
-from kubernetes.dynamic.exceptions import ApiException as DynamicApiException
 
 from kubetune.api.common import API_GROUP, API_VERSION
 
 _RETRYABLE = {409, 429, 500, 502, 503, 504}
+# The plural (URL name) of every kind the operator creates or reads by kind.
+PLURALS = {
+    "ServiceAccount": "serviceaccounts",
+    "ConfigMap": "configmaps",
+    "PersistentVolumeClaim": "persistentvolumeclaims",
+    "Role": "roles",
+    "RoleBinding": "rolebindings",
+    "Job": "jobs",
+    "PyTorchJob": "pytorchjobs",
+    "Model": "models",
+    "FileSet": "filesets",
+}
+
+
+def object_path(api_version: str, kind: str, namespace: str, name: str | None = None) -> str:
+    """The REST path of a namespaced object (or of its collection when `name` is None)."""
+    group_path = f"/apis/{api_version}" if "/" in api_version else f"/api/{api_version}"
+    path = f"{group_path}/namespaces/{namespace}/{PLURALS[kind]}"
+    return f"{path}/{name}" if name else path
 
 
 @contextmanager
@@ -25,7 +43,7 @@ def api_errors(action: str) -> Iterator[None]:
     """Translate API errors into kopf's retry vocabulary, naming what was being done."""
     try:
         yield
-    except (ApiException, DynamicApiException) as error:
+    except ApiException as error:
         status = getattr(error, "status", None) or 0
         body = str(getattr(error, "body", "") or getattr(error, "reason", ""))[:256]
         message = f"{action}: HTTP {status}: {body}"
@@ -42,6 +60,13 @@ def load_config() -> None:
         config.load_incluster_config()
     except config.ConfigException:
         config.load_kube_config()
+    # Resolve the proxy from the environment once. Left "from the environment", the client
+    # re-reads every variable on each request (the token refresh hook re-sets the host, which
+    # calls urllib's getproxies): about a millisecond of CPU per request, the biggest single
+    # cost of a burst of jobs in the profile (bench/operator_launch.py --profile).
+    configuration = client.Configuration.get_default_copy()
+    configuration.proxy = configuration.proxy
+    client.Configuration.set_default(configuration)
 
 
 class Kube:
@@ -51,13 +76,6 @@ class Kube:
         self.api_client = api_client or client.ApiClient()
         self.custom = client.CustomObjectsApi(self.api_client)
         self.core = client.CoreV1Api(self.api_client)
-        self._dynamic: DynamicClient | None = None
-
-    @property
-    def dynamic(self) -> DynamicClient:
-        if self._dynamic is None:  # discovery is slow; do it once, on first use
-            self._dynamic = DynamicClient(self.api_client)
-        return self._dynamic
 
     # ------------------------------------------------------------------ kubetune objects
 
@@ -107,14 +125,27 @@ class Kube:
 
     # ------------------------------------------------------------------ children
 
+    def _call(self, method: str, path: str, body: dict[str, Any] | None = None, content_type: str | None = None) -> Any:
+        """One request, the JSON answer as plain dicts: no typed models, no discovery (both cost
+        more CPU than the request itself when a burst of jobs arrives)."""
+        headers = {"Accept": "application/json", "Content-Type": content_type or "application/json"}
+        request = self.api_client.param_serialize(
+            method=method, resource_path=path, header_params=headers, body=body, auth_settings=["BearerToken"]
+        )
+        response = self.api_client.call_api(*request)
+        response.read()
+        if not 200 <= response.status <= 299:
+            raise ApiException.from_response(http_resp=response, body=None, data=None)
+        return json.loads(response.data) if response.data else None
+
     def create_if_absent(self, manifest: dict[str, Any]) -> tuple[bool, dict[str, Any]]:
         """Create an object; if one of that name exists, return it (idempotent across restarts)."""
         api_version, kind = manifest["apiVersion"], manifest["kind"]
         namespace, name = manifest["metadata"].get("namespace"), manifest["metadata"]["name"]
-        resource = self.dynamic.resources.get(api_version=api_version, kind=kind)
         try:
-            return True, dict(resource.create(body=manifest, namespace=namespace).to_dict())
-        except DynamicApiException as error:
+            self._call("POST", object_path(api_version, kind, namespace), manifest)
+            return True, manifest  # what was asked is what is stored: the answer need not be parsed
+        except ApiException as error:
             if error.status != 409:
                 with api_errors(f"creating {kind} {namespace}/{name}"):
                     raise
@@ -124,10 +155,10 @@ class Kube:
         return False, existing
 
     def get(self, api_version: str, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
-        resource = self.dynamic.resources.get(api_version=api_version, kind=kind)
         try:
-            return dict(resource.get(name=name, namespace=namespace).to_dict())
-        except DynamicApiException as error:
+            obj: dict[str, Any] = self._call("GET", object_path(api_version, kind, namespace, name))
+            return obj
+        except ApiException as error:
             if error.status == 404:
                 return None
             with api_errors(f"reading {kind} {namespace}/{name}"):
@@ -135,9 +166,8 @@ class Kube:
         return None
 
     def merge_patch(self, api_version: str, kind: str, namespace: str, name: str, patch: dict[str, Any]) -> None:
-        resource = self.dynamic.resources.get(api_version=api_version, kind=kind)
         with api_errors(f"patching {kind} {namespace}/{name}"):
-            resource.patch(body=patch, name=name, namespace=namespace, content_type="application/merge-patch+json")
+            self._call("PATCH", object_path(api_version, kind, namespace, name), patch, "application/merge-patch+json")
 
     def list_pods(self, namespace: str, job_name: str) -> list[dict[str, Any]]:
         with api_errors(f"listing the pods of {namespace}/{job_name}"):

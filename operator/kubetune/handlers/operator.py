@@ -3,27 +3,32 @@
 - CustomizationJob created / resumed / changed -> `launch` (validate, resolve, create
   children, sync suspend); a timer retries jobs that wait for a Model/FileSet.
 - PyTorchJob / batch Job / pod of a job changed -> `follow` (phase, conditions, output).
-- Model / FileSet added -> nudge the jobs that wait for it.
+- Model / FileSet added -> nudge the jobs that wait for it (a kopf index maps each
+  Model/FileSet to the jobs waiting for it, so no event lists every job).
 - CustomizationJob deleted -> record `Cancelled` (kopf's finalizer holds the deletion until
   then); the children go by garbage collection (owner references).
-- Optional validating webhook: the same validator at admission.
+- Optional validating webhook: the same validator at admission, and the hostPath rule of
+  Models and FileSets (allowedHostPaths).
 """
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import random
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 import kopf
+from kubernetes import client
 
 from kubetune.api.common import API_GROUP, API_VERSION
-from kubetune.api.resources import TERMINAL_PHASES
+from kubetune.api.resources import TERMINAL_PHASES, CustomizationJobStatus
 from kubetune.handlers import metrics
 from kubetune.handlers.events import announce_phase
 from kubetune.handlers.kube import Kube, load_config
+from kubetune.handlers.peering import choose_peering
 from kubetune.handlers.reconcile import (
     Operator,
     follow,
@@ -31,16 +36,33 @@ from kubetune.handlers.reconcile import (
     manifest_of,
     nudge_waiting_jobs,
     validate_with_references,
+    waited_references,
 )
 from kubetune.handlers.settings import OperatorSettings, settings_from_env
 from kubetune.planning.lifecycle import condition, merge_conditions
+from kubetune.planning.references import ObjectKey, cluster_source_problem
 from kubetune.planning.rules import IMMUTABLE_MESSAGE, backend_changed
+from kubetune.planning.validation import validate_fileset, validate_model
 
 log = logging.getLogger(__name__)
 
 JOBS = (API_GROUP, API_VERSION, "customizationjobs")
 MANAGED = {"app.kubernetes.io/managed-by": "kubetune"}
 RESYNC_SECONDS = 30.0
+
+
+class LeanDiffBaseStorage(kopf.AnnotationsDiffBaseStorage):
+    """kopf's own diff base (same annotation, same essence), built without deep-copying what
+    kopf then throws away: `metadata.managedFields` and `status`. kopf builds it on every event
+    of a job; the copy was the operator's top CPU cost in a burst (bench/operator_launch.py)."""
+
+    def build(self, *, body: kopf.Body, extra_fields: Any = None) -> kopf.BodyEssence:
+        if extra_fields:  # they may point anywhere in the body: kopf's way, then
+            return super().build(body=body, extra_fields=extra_fields)
+        meta = body.get("metadata", {})
+        lean = {key: value for key, value in body.items() if key not in ("metadata", "status")}
+        lean["metadata"] = {key: meta[key] for key in ("labels", "annotations", "ownerReferences") if key in meta}
+        return super().build(body=kopf.Body(cast(kopf.RawBody, lean)), extra_fields=None)
 
 
 def _op(memo: Any) -> Operator:
@@ -53,7 +75,7 @@ def register(registry: kopf.OperatorRegistry, config: OperatorSettings) -> None:
 
     def reconcile_job(body: kopf.Body, memo: kopf.Memo, patch: kopf.Patch, **_: Any) -> None:
         with metrics.RECONCILE_DURATION.time():
-            status = launch(_op(memo), body)
+            status = launch(_op(memo), body).wire()
         patch.status.update(status)
         announce_phase(body, body.get("status"), status)
 
@@ -63,8 +85,14 @@ def register(registry: kopf.OperatorRegistry, config: OperatorSettings) -> None:
     def waiting(status: Mapping[str, Any], **_: Any) -> bool:
         return status.get("phase") == "Created"
 
+    # The first tick waits a full interval: launch has just looked when the job became Created.
     kopf.timer(
-        *JOBS, registry=registry, id="recheck-references", interval=config.reference_retry_seconds, when=waiting
+        *JOBS,
+        registry=registry,
+        id="recheck-references",
+        interval=config.reference_retry_seconds,
+        initial_delay=config.reference_retry_seconds,
+        when=waiting,
     )(reconcile_job)
 
     def child_changed(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
@@ -92,13 +120,24 @@ def register(registry: kopf.OperatorRegistry, config: OperatorSettings) -> None:
         if job is not None:
             follow(op, job)
 
-    kopf.timer(*JOBS, registry=registry, id="resync", interval=RESYNC_SECONDS, when=unfinished)(resync)
+    # Not at once: the job was just launched, and a burst of jobs would double its API calls.
+    kopf.timer(
+        *JOBS, registry=registry, id="resync", interval=RESYNC_SECONDS, initial_delay=RESYNC_SECONDS, when=unfinished
+    )(resync)
 
-    def reference_added(body: kopf.Body, event: Mapping[str, Any], memo: kopf.Memo, **_: Any) -> None:
+    def waiting_jobs(body: kopf.Body, **_: Any) -> dict[ObjectKey, tuple[str, str]]:
+        return waited_references(body)
+
+    def not_launched(status: Mapping[str, Any], **_: Any) -> bool:
+        return status.get("phase") in (None, "Created")  # kopf drops a job from the index once launched
+
+    kopf.index(*JOBS, registry=registry, id="waiting_jobs", when=not_launched)(waiting_jobs)
+
+    def reference_added(body: kopf.Body, event: Mapping[str, Any], memo: kopf.Memo, **kwargs: Any) -> None:
+        waiting_jobs: kopf.Index[ObjectKey, tuple[str, str]] = kwargs["waiting_jobs"]  # kopf passes indices by id
         if event.get("type") in ("ADDED", "MODIFIED", None):
-            nudge_waiting_jobs(
-                _op(memo), str(body.get("kind")), body.metadata.namespace or "default", body.metadata.name or ""
-            )
+            key = ObjectKey(str(body.get("kind")), body.metadata.namespace or "default", body.metadata.name or "")  # type: ignore[arg-type]
+            nudge_waiting_jobs(_op(memo), waiting_jobs.get(key, []))
 
     for plural in ("models", "filesets"):
         kopf.on.event(API_GROUP, API_VERSION, plural, registry=registry, id="nudge")(reference_added)
@@ -108,13 +147,13 @@ def register(registry: kopf.OperatorRegistry, config: OperatorSettings) -> None:
         metrics.PHASES.forget(body.metadata.uid or "")
         if status.get("phase") in TERMINAL_PHASES:
             return
-        cancel = {
-            "phase": "Cancelled",
-            "conditions": merge_conditions(
+        cancel = CustomizationJobStatus(
+            phase="Cancelled",
+            conditions=merge_conditions(
                 status.get("conditions"),
                 [condition("Complete", False, "Cancelled", "the job was deleted; its children are garbage-collected")],
             ),
-        }
+        ).wire()
         _op(memo).kube.patch_job_status(body.metadata.namespace or "default", body.metadata.name or "", cancel)
         announce_phase(body, status, cancel)
 
@@ -127,7 +166,13 @@ def register(registry: kopf.OperatorRegistry, config: OperatorSettings) -> None:
             if old and old.get("spec") and backend_changed(old.get("spec"), body.get("spec")):
                 raise kopf.AdmissionError(IMMUTABLE_MESSAGE, code=422)
             op = _op(memo)
-            report, _ = validate_with_references(op.kube, manifest_of(body), op.settings.gpu_memory_gib)
+            report, _ = validate_with_references(
+                op.kube,
+                manifest_of(body),
+                op.settings.gpu_memory_gib,
+                op.settings.allowed_host_paths,
+                op.settings.gpu_type,
+            )
             if not report.valid:
                 metrics.VALIDATION_FAILURES.labels(reason=report.errors[0].reason).inc()
                 raise kopf.AdmissionError("\n".join(f"{e.path}: {e.message}" for e in report.errors), code=422)
@@ -135,13 +180,33 @@ def register(registry: kopf.OperatorRegistry, config: OperatorSettings) -> None:
 
         kopf.on.validate(*JOBS, registry=registry, id="validate")(admit)
 
+        def admit_source(body: kopf.Body, **_: Any) -> None:
+            # A hostPath the operator would refuse at reconcile is refused here already: at
+            # `kubectl apply` of the Model or FileSet, not later at the job that names it.
+            validate = validate_model if body.get("kind") == "Model" else validate_fileset
+            parsed, _errors = validate(body.get("spec"))  # schema errors are the CRD's to report
+            problem = cluster_source_problem(parsed.source, config.allowed_host_paths) if parsed else None
+            if problem:
+                raise kopf.AdmissionError(problem, code=422)
+
+        for plural, handler_id in (("models", "validate-model"), ("filesets", "validate-fileset")):
+            kopf.on.validate(API_GROUP, API_VERSION, plural, registry=registry, id=handler_id)(admit_source)
+
     def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
         load_config()
         memo.op = Operator(Kube(), config)
         settings.persistence.finalizer = "kubetune.io/finalizer"
+        settings.persistence.diffbase_storage = LeanDiffBaseStorage()
         settings.posting.level = logging.WARNING
         settings.watching.server_timeout = 300
         settings.peering.lifetime = config.peering_lifetime_seconds
+        settings.execution.max_workers = config.workers
+        # No `queueing.worker_limit`: kopf's handlers wait until the job index has seen every
+        # listed job, and with fewer workers than jobs at startup the workers holding the
+        # first jobs wait for an index that the others never get a worker to fill (seen: an
+        # operator pod restarted during a burst of 50 jobs launched none of them). An idle
+        # worker leaves after 1 s instead of 5 s, which keeps a burst's memory down.
+        settings.batching.idle_timeout = 1.0
         if config.webhook:
             settings.admission.server = kopf.WebhookServer(
                 addr="0.0.0.0",
@@ -159,11 +224,26 @@ def register(registry: kopf.OperatorRegistry, config: OperatorSettings) -> None:
     kopf.on.login(registry=registry)(kopf.login_via_client)
 
 
+def _limit_malloc_arenas(arenas: int = 2) -> None:
+    """glibc gives each thread its own malloc arena, and memory freed in one is rarely handed
+    back: with a burst spread over the handler threads, resident memory grows with the thread
+    count. Two arenas (MALLOC_ARENA_MAX=2, set before any thread starts) limit that."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return  # not glibc (e.g. musl, macOS): nothing to tune
+    m_arena_max = -8  # from glibc's malloc.h
+    libc.mallopt(m_arena_max, arenas)
+
+
 def run(settings: OperatorSettings | None = None) -> None:
     """Run the operator until interrupted (`kubetune operator`)."""
+    _limit_malloc_arenas()
     settings = settings or settings_from_env()
     kopf.configure(verbose=settings.verbose)
     logging.getLogger("urllib3").setLevel(logging.WARNING)  # one line per API call drowns the handlers' log
+    load_config()
+    peering = choose_peering(client.ApiClient(), settings.peering, settings.namespaces)
     registry = kopf.OperatorRegistry()
     register(registry, settings)
     if settings.metrics_port:
@@ -175,8 +255,8 @@ def run(settings: OperatorSettings | None = None) -> None:
             clusterwide=not settings.namespaces,
             namespaces=settings.namespaces,
             priority=random.randint(1, 2**31 - 1),
-            peering_name=settings.peering,
-            standalone=False,
+            peering_name=peering.name,
+            standalone=peering.name is None,
             memo=kopf.Memo(),
         )
     )

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -19,7 +19,14 @@ from typing import Any
 import kopf
 
 from kubetune.api.common import GROUP_VERSION
-from kubetune.api.resources import TERMINAL_PHASES, CustomizationJobSpec
+from kubetune.api.resources import (
+    TERMINAL_PHASES,
+    CustomizationJobSpec,
+    CustomizationJobStatus,
+    MemoryStatus,
+    OutputStatus,
+    Phase,
+)
 from kubetune.handlers.events import announce_phase
 from kubetune.handlers.kube import Kube
 from kubetune.handlers.metrics import LAUNCH_LATENCY, PHASES, VALIDATION_FAILURES
@@ -28,7 +35,7 @@ from kubetune.planning.lifecycle import ChildState, batch_job_state, condition, 
 from kubetune.planning.memory import estimate_from_resolved
 from kubetune.planning.memory_check import check_memory, memory_report
 from kubetune.planning.references import Catalog, ObjectKey, cluster_source_problem, reference_uses
-from kubetune.planning.resolved import base_model_reference, output_name, output_type
+from kubetune.planning.resolved import base_model_reference, output_model_details, output_name, output_type
 from kubetune.planning.validation import JobReport, validate_fileset, validate_job, validate_model
 from kubetune.render.children import ChildNames, JobInput, render_children
 
@@ -45,10 +52,11 @@ class Operator:
 
 def manifest_of(body: Mapping[str, Any]) -> dict[str, Any]:
     """The parts of a kopf body that validation reads (plain dicts, no kopf views)."""
+    meta = body.get("metadata") or {}
     return {
         "apiVersion": body.get("apiVersion"),
         "kind": body.get("kind"),
-        "metadata": {"name": body["metadata"]["name"], "namespace": body["metadata"].get("namespace", "default")},
+        "metadata": {"name": meta.get("name"), "namespace": meta.get("namespace") or "default"},
         "spec": _plain(body.get("spec")),
     }
 
@@ -61,7 +69,7 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def catalog_for(kube: Kube, report: JobReport) -> Catalog:
+def catalog_for(kube: Kube, report: JobReport, allowed_host_paths: Sequence[str] = ()) -> Catalog:
     """The Models and FileSets a (schema-valid) job names, read from the API server."""
     catalog = Catalog(authoritative=True)
     section = report.section
@@ -72,7 +80,7 @@ def catalog_for(kube: Kube, report: JobReport) -> Catalog:
         if obj is None:
             continue
         parsed, errors = (validate_model if ref.kind == "Model" else validate_fileset)(obj.get("spec"))
-        problem = cluster_source_problem(parsed.source) if parsed is not None else None
+        problem = cluster_source_problem(parsed.source, allowed_host_paths) if parsed is not None else None
         if parsed is None or problem:
             catalog.invalid[ref.key] = problem or (f"{errors[0].path}: {errors[0].message}" if errors else "invalid")
         elif ref.kind == "Model":
@@ -83,17 +91,21 @@ def catalog_for(kube: Kube, report: JobReport) -> Catalog:
 
 
 def validate_with_references(
-    kube: Kube, manifest: Mapping[str, Any], gpu_memory_gib: float | None = None
-) -> tuple[JobReport, dict[str, Any] | None]:
+    kube: Kube,
+    manifest: Mapping[str, Any],
+    gpu_memory_gib: float | None = None,
+    allowed_host_paths: Sequence[str] = (),
+    gpu_type: str | None = None,
+) -> tuple[JobReport, MemoryStatus | None]:
     """The full validation: schema, rules, references, and the memory pre-flight.
 
     Returns the report and `status.memoryEstimate` (None when numParameters is unknown). A job
     that cannot fit the configured GPU size is an error; one that may not fit, a warning.
     """
-    report = validate_job(manifest)
+    report = validate_job(manifest, gpu_type=gpu_type)
     if not report.valid:
         return report, None
-    report = validate_job(manifest, catalog_for(kube, report))
+    report = validate_job(manifest, catalog_for(kube, report, allowed_host_paths), gpu_type)
     section = report.section
     if not report.valid or section is None or report.layout is None or report.references is None:
         return report, None
@@ -109,31 +121,33 @@ def _errors_text(report: JobReport) -> str:
     return "; ".join(f"{error.path}: {error.message}" for error in report.errors)
 
 
-def launch(op: Operator, body: Mapping[str, Any]) -> dict[str, Any]:
+def launch(op: Operator, body: Mapping[str, Any]) -> CustomizationJobStatus:
     """Validate, resolve and create the children; returns the status to merge."""
     meta = body["metadata"]
     name, namespace, uid = meta["name"], meta.get("namespace", "default"), meta["uid"]
     status = dict(body.get("status") or {})
     if status.get("phase") in TERMINAL_PHASES:
-        return {}  # a finished job is never relaunched
-    report, memory = validate_with_references(op.kube, manifest_of(body), op.settings.gpu_memory_gib)
+        return CustomizationJobStatus()  # a finished job is never relaunched
+    report, memory = validate_with_references(
+        op.kube, manifest_of(body), op.settings.gpu_memory_gib, op.settings.allowed_host_paths, op.settings.gpu_type
+    )
     conditions = status.get("conditions")
     if not report.valid:
         reason = report.errors[0].reason
         VALIDATION_FAILURES.labels(reason=reason).inc()
         PHASES.set(uid, "Failed", report.backend or "unknown")
-        return {
-            "phase": "Failed",
-            "backend": report.backend,
-            **({"memoryEstimate": memory} if memory else {}),
-            "conditions": merge_conditions(
+        return CustomizationJobStatus(
+            phase="Failed",
+            backend=report.backend,
+            memoryEstimate=memory,
+            conditions=merge_conditions(
                 conditions,
                 [
                     condition("Validated", False, reason, _errors_text(report)),
                     condition("Failed", True, reason, _errors_text(report)),
                 ],
             ),
-        }
+        )
     assert report.spec is not None and report.layout is not None and report.references is not None
     backend = report.spec.backend
     if report.references.missing:
@@ -143,17 +157,17 @@ def launch(op: Operator, body: Mapping[str, Any]) -> dict[str, Any]:
         )
         # The job waits: a timer re-checks Created jobs, and a new Model/FileSet nudges them.
         PHASES.set(uid, "Created", backend or "unknown")
-        return {
-            "phase": "Created",
-            "backend": backend,
-            "conditions": merge_conditions(
+        return CustomizationJobStatus(
+            phase="Created",
+            backend=backend,
+            conditions=merge_conditions(
                 conditions,
                 [
                     condition("Validated", True, "Valid", "the job is valid"),
                     condition("ReferencesResolved", False, "ReferenceNotFound", message),
                 ],
             ),
-        }
+        )
 
     sources = {role: target.source for role, target in report.references.resolved.items()}
     job = JobInput(name, namespace, uid, report.spec, report.layout, sources)
@@ -169,12 +183,12 @@ def launch(op: Operator, body: Mapping[str, Any]) -> dict[str, Any]:
             LAUNCH_LATENCY.observe(max(0.0, (datetime.now(UTC) - started).total_seconds()))
     if not created_any:  # new children carry spec.suspend already; old ones may predate a change
         _sync_suspend(op, job)
-    phase = status.get("phase") if status.get("phase") not in (None, "Created") else "Pending"
+    phase: Phase = "Pending" if status.get("phase") in (None, "Created") else status["phase"]
     if report.spec.suspend:
         phase = "Suspended"
     elif phase == "Suspended":
         phase = "Pending"  # resumed: the trainer restarts from its newest checkpoint
-    PHASES.set(uid, str(phase), backend or "unknown")
+    PHASES.set(uid, phase, backend or "unknown")
     new_conditions = [
         condition("Validated", True, "Valid", "the job is valid"),
         condition("ReferencesResolved", True, "Resolved", "every Model and FileSet exists"),
@@ -187,24 +201,24 @@ def launch(op: Operator, body: Mapping[str, Any]) -> dict[str, Any]:
         ),
     ]
     memory_warnings = [w for w in report.warnings if w.reason == "MemoryTight"]
-    if memory is not None and "verdict" in memory:
+    if memory is not None and memory.verdict is not None:
         fits = not memory_warnings
         new_conditions.append(
             condition(
                 "MemoryFits",
                 fits,
                 "MemoryFits" if fits else "MemoryTight",
-                memory_warnings[0].message if memory_warnings else str(memory.get("message", "")),
+                memory_warnings[0].message if memory_warnings else memory.message or "",
             )
         )
-    return {
-        "phase": phase,
-        **({"memoryEstimate": memory} if memory else {}),
-        "backend": backend,
-        "layout": report.layout.as_status(),
-        "observedGeneration": meta.get("generation"),
-        "conditions": merge_conditions(conditions, new_conditions),
-    }
+    return CustomizationJobStatus(
+        phase=phase,
+        memoryEstimate=memory,
+        backend=backend,
+        layout=report.layout.as_status(),
+        observedGeneration=meta.get("generation"),
+        conditions=merge_conditions(conditions, new_conditions),
+    )
 
 
 def _check_owned(existing: Mapping[str, Any], uid: str, child: Mapping[str, Any]) -> None:
@@ -258,9 +272,10 @@ def follow(op: Operator, job: Mapping[str, Any]) -> None:
         return  # launch recreates it
     if spec.suspend and state.phase not in TERMINAL_PHASES:
         state = ChildState("Suspended", "Suspended", "suspended (spec.suspend: true)")
-    patch = _status_for(state, status)
+    new = _status_for(state, status)
     if state.phase == "Completed":
-        patch["output"] = record_output(op, job, spec)
+        new.output = record_output(op, job, spec)
+    patch = new.wire()
     if (
         patch.get("phase") == status.get("phase")
         and patch.get("conditions") == status.get("conditions")
@@ -272,7 +287,7 @@ def follow(op: Operator, job: Mapping[str, Any]) -> None:
     announce_phase(job, status, patch)
 
 
-def _status_for(state: ChildState, status: Mapping[str, Any]) -> dict[str, Any]:
+def _status_for(state: ChildState, status: Mapping[str, Any]) -> CustomizationJobStatus:
     new = [condition("Running", state.phase == "Running", state.reason, state.message)]
     if state.phase == "Completed":
         new = [
@@ -286,10 +301,10 @@ def _status_for(state: ChildState, status: Mapping[str, Any]) -> dict[str, Any]:
         ]
     elif state.phase == "Pending":
         new = [condition("Running", False, state.reason, state.message)]
-    return {"phase": state.phase, "conditions": merge_conditions(status.get("conditions"), new)}
+    return CustomizationJobStatus(phase=state.phase, conditions=merge_conditions(status.get("conditions"), new))
 
 
-def record_output(op: Operator, job: Mapping[str, Any], spec: CustomizationJobSpec) -> dict[str, Any]:
+def record_output(op: Operator, job: Mapping[str, Any], spec: CustomizationJobSpec) -> OutputStatus:
     """Create the output Model (adapter or full weights) that points at the result on the output claim."""
     meta = job["metadata"]
     name, namespace, uid = meta["name"], meta.get("namespace", "default"), meta["uid"]
@@ -311,6 +326,7 @@ def record_output(op: Operator, job: Mapping[str, Any], spec: CustomizationJobSp
         model_spec["adapter"] = {"baseModel": base_ref}
     elif base_spec.get("numParameters"):
         model_spec["numParameters"] = base_spec["numParameters"]
+    model_spec.update(output_model_details(section, f"{namespace}/{name}", (job.get("status") or {}).get("progress")))
     model = {
         "apiVersion": GROUP_VERSION,
         "kind": "Model",
@@ -324,22 +340,26 @@ def record_output(op: Operator, job: Mapping[str, Any], spec: CustomizationJobSp
     }
     # Not owned by the job: the trained model outlives it.
     op.kube.create_if_absent(model)
-    return {"name": result_name, "type": kind, "path": path}
+    return OutputStatus(name=result_name, type=kind, path=path)
 
 
-def nudge_waiting_jobs(op: Operator, kind: str, namespace: str, name: str) -> int:
+def waited_references(body: Mapping[str, Any]) -> dict[ObjectKey, tuple[str, str]]:
+    """For kopf's index of jobs not launched yet: each Model/FileSet the job names -> the job.
+
+    So that a new Model or FileSet nudges exactly the jobs that wait for it, without listing
+    (and validating) every job of the cluster on each Model/FileSet event.
+    """
+    manifest = manifest_of(body)
+    section = validate_job(manifest).section
+    if section is None:
+        return {}
+    job = (manifest["metadata"]["namespace"], manifest["metadata"]["name"])
+    return {use.key: job for use in reference_uses(section, job[0])}
+
+
+def nudge_waiting_jobs(op: Operator, jobs: Iterable[tuple[str, str]]) -> int:
     """A Model/FileSet appeared: touch the jobs that wait for it so they re-check now."""
-    key = ObjectKey(kind, namespace, name)  # type: ignore[arg-type]
-    touched = 0
-    for job in op.kube.list_jobs():
-        status = job.get("status") or {}
-        if status.get("phase") not in (None, "Created"):
-            continue
-        report = validate_job(manifest_of(job))
-        section = report.section
-        job_namespace = job["metadata"].get("namespace", "default")
-        if section is None or all(ref.key != key for ref in reference_uses(section, job_namespace)):
-            continue
-        op.kube.annotate_job(job_namespace, job["metadata"]["name"], {"kubetune.io/recheck": str(time.time())})
-        touched += 1
-    return touched
+    touched = sorted(set(jobs))
+    for namespace, name in touched:
+        op.kube.annotate_job(namespace, name, {"kubetune.io/recheck": str(time.time())})
+    return len(touched)

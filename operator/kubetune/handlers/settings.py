@@ -27,6 +27,9 @@ class OperatorSettings:
     gpu_memory_gib: float | None = None
     """Memory of one GPU on this cluster (KUBETUNE_GPU_MEMORY_GIB). With it, the memory
     pre-flight warns on jobs that may not fit and refuses those that cannot."""
+    gpu_type: str | None = None
+    """The cluster's GPU type (KUBETUNE_GPU_TYPE, e.g. A100, T4). With it, jobs asking for bf16 on a
+    type without bf16 are refused (kubetune.planning.dtypes)."""
     webhook: bool = False
     """Serve the validating admission webhook (KUBETUNE_WEBHOOK=true). Off by default because it
     needs a Service and a certificate; the same checks run at every reconcile either way."""
@@ -44,13 +47,23 @@ class OperatorSettings:
     """CA that signed the serving certificate; written into the ValidatingWebhookConfiguration."""
     reference_retry_seconds: float = 30.0
     """How often a job waiting for a missing Model/FileSet re-checks, besides the watch on them."""
-    peering: str = "kubetune"
-    """kopf peering object: only one operator replica acts at a time."""
+    workers: int = 16
+    """Threads that run handlers at once (KUBETUNE_WORKERS): each handler mostly waits on the API
+    server, so more threads than cores keep a burst of jobs moving."""
+    peering: str | None = None
+    """kopf peering object through which only one operator replica acts at a time
+    (KUBETUNE_PEERING). Unset: `kubetune` if it exists, else standalone with a warning; set: it
+    must exist (handlers/peering.py)."""
     peering_lifetime_seconds: int = 60
     """How long a replica's peering record lives without a keep-alive (KUBETUNE_PEERING_LIFETIME):
     a standby replica takes over at most this long after the active one dies (kopf's default)."""
     verbose: bool = False
     """Log every handler call (KUBETUNE_VERBOSE=true)."""
+    allowed_host_paths: tuple[str, ...] = ()
+    """Node path prefixes Models and FileSets may mount with a hostPath source (Helm value
+    allowedHostPaths; KUBETUNE_ALLOWED_HOST_PATHS, comma-separated absolute paths). Empty by
+    default: a hostPath gives the trainer pod the node's own files, which Pod Security would
+    refuse the Model's author."""
 
 
 def _int(env: Mapping[str, str], name: str, default: int) -> int:
@@ -103,6 +116,14 @@ def _resources(env: Mapping[str, str], name: str) -> dict[str, dict[str, str]]:
     return resources
 
 
+def _absolute_paths(env: Mapping[str, str], name: str) -> tuple[str, ...]:
+    paths = tuple(path.strip() for path in env.get(name, "").split(",") if path.strip())
+    relative = [path for path in paths if not path.startswith("/")]
+    if relative:
+        raise SettingsError(f"{name}: {', '.join(relative)} is not an absolute path")
+    return paths
+
+
 def settings_from_env(env: Mapping[str, str] | None = None) -> OperatorSettings:
     env = os.environ if env is None else env
     defaults = TrainerSettings()
@@ -122,6 +143,7 @@ def settings_from_env(env: Mapping[str, str] | None = None) -> OperatorSettings:
         namespaces=namespaces,
         metrics_port=_int(env, "KUBETUNE_METRICS_PORT", 8080),
         gpu_memory_gib=_float(env, "KUBETUNE_GPU_MEMORY_GIB", None),
+        gpu_type=env.get("KUBETUNE_GPU_TYPE") or None,
         webhook=_bool(env, "KUBETUNE_WEBHOOK", False),
         webhook_managed=_bool(env, "KUBETUNE_WEBHOOK_MANAGED", False),
         webhook_host=env.get("KUBETUNE_WEBHOOK_HOST") or None,
@@ -130,7 +152,9 @@ def settings_from_env(env: Mapping[str, str] | None = None) -> OperatorSettings:
         webhook_key_file=env.get("KUBETUNE_WEBHOOK_KEY_FILE") or None,
         webhook_ca_file=env.get("KUBETUNE_WEBHOOK_CA_FILE") or None,
         reference_retry_seconds=_float(env, "KUBETUNE_REFERENCE_RETRY_SECONDS", 30.0) or 30.0,
-        peering=env.get("KUBETUNE_PEERING", "kubetune"),
+        workers=_int(env, "KUBETUNE_WORKERS", 16),
+        peering=env.get("KUBETUNE_PEERING") or None,
         peering_lifetime_seconds=_int(env, "KUBETUNE_PEERING_LIFETIME", 60),
         verbose=_bool(env, "KUBETUNE_VERBOSE", False),
+        allowed_host_paths=_absolute_paths(env, "KUBETUNE_ALLOWED_HOST_PATHS"),
     )

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from kubetune.api.automodel import AutomodelBatch, AutomodelParallelism, AutomodelSpec
+from kubetune.api.resources import LayoutStatus
 from kubetune.api.unsloth import UnslothSpec
 
 
@@ -34,14 +35,18 @@ class Layout:
         """snake_case keys, as `kubetune validate -o json` prints them."""
         return asdict(self)
 
-    def as_status(self) -> dict[str, int]:
-        """camelCase keys, as `status.layout` holds them."""
-        return {_camel(key): value for key, value in asdict(self).items()}
-
-
-def _camel(snake: str) -> str:
-    head, *rest = snake.split("_")
-    return head + "".join(word.title() for word in rest)
+    def as_status(self) -> LayoutStatus:
+        """`status.layout`."""
+        return LayoutStatus(
+            totalGpus=self.total_gpus,
+            worldSize=self.world_size,
+            dataParallelSize=self.data_parallel_size,
+            tensorParallelSize=self.tensor_parallel_size,
+            pipelineParallelSize=self.pipeline_parallel_size,
+            contextParallelSize=self.context_parallel_size,
+            expertParallelSize=self.expert_parallel_size,
+            gradientAccumulationSteps=self.gradient_accumulation_steps,
+        )
 
 
 def total_gpus(parallelism: AutomodelParallelism) -> int:

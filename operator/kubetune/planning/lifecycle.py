@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from kubetune.api.resources import Phase
+from kubetune.api.resources import Condition, Phase
 
 _WAITING_PROBLEMS = {
     "ErrImagePull": "cannot pull the trainer image",
@@ -37,25 +37,25 @@ class ChildState:
     message: str
 
 
-def condition(type_: str, status: bool, reason: str, message: str, now: datetime | None = None) -> dict[str, str]:
+def condition(type_: str, status: bool, reason: str, message: str, now: datetime | None = None) -> Condition:
     stamp = (now or datetime.now(UTC)).strftime("%Y-%m-%dT%H:%M:%SZ")
-    return {
-        "type": type_,
-        "status": "True" if status else "False",
-        "reason": reason,
-        "message": message,
-        "lastTransitionTime": stamp,
-    }
+    return Condition(
+        type=type_, status="True" if status else "False", reason=reason, message=message, lastTransitionTime=stamp
+    )
 
 
-def merge_conditions(old: Sequence[Mapping[str, Any]] | None, new: Iterable[dict[str, str]]) -> list[dict[str, Any]]:
-    """Replace conditions by type; keep a condition's lastTransitionTime while its status is unchanged."""
-    merged = {str(c.get("type")): dict(c) for c in old or []}
+def merge_conditions(old: Sequence[Mapping[str, Any]] | None, new: Iterable[Condition]) -> list[Condition]:
+    """Replace conditions by type; keep a condition's lastTransitionTime while its status is unchanged.
+
+    `old` is what the API server holds (taken as it is: a condition written by an older
+    operator is kept, not re-validated).
+    """
+    merged = {str(c.get("type")): Condition.model_construct(**c) for c in old or []}
     for cond in new:
-        previous = merged.get(cond["type"])
-        if previous is not None and previous.get("status") == cond["status"]:
-            cond = {**cond, "lastTransitionTime": previous.get("lastTransitionTime", cond["lastTransitionTime"])}
-        merged[cond["type"]] = cond
+        previous = merged.get(cond.type)
+        if previous is not None and previous.status == cond.status and previous.lastTransitionTime:
+            cond = cond.model_copy(update={"lastTransitionTime": previous.lastTransitionTime})
+        merged[cond.type] = cond
     return list(merged.values())
 
 

@@ -16,23 +16,33 @@ Two figures come out, for two purposes:
 
 Formula (P = numParameters, W = world size = DP × TP × PP × CP, bytes per GiB = 2**30)::
 
-    shape (dense Llama-like, P ≈ 12·L·h² with h ≈ 120·L):  h = (10·P)^(1/3),  L = h / 120
-    vocabulary V = 131072 (assumed; Llama 3 has 128256, Qwen 151936)
+    shape: the Model's hiddenSize, numLayers, vocabSize and tieWordEmbeddings when it declares
+           them; otherwise a dense Llama-like shape (P ≈ 12·L·h² with h ≈ 120·L):
+           h = (10·P)^(1/3), L = h / 120, V = 131072 (Llama 3 has 128256, Qwen 151936),
+           untied, each embedding matrix E = V·h capped at P/4 (small models have small vocabularies)
     LoRA parameters A = rank · 20·h · L · share   (20·h = the in+out widths of q,k,v,o (GQA),
                        gate, up, down per layer; `share` = the fraction the targets cover)
 
-    automodel (FSDP2 shards everything over all W ranks, as torchtitan's dp_shard×cp mesh;
-               TP and PP split the weights, so every sharded tensor is divided by W):
-      full FT   weights 4·P/W (fp32 master)  gradients 4·P/W   optimizer 8·P/W (AdamW m, v fp32)
-      LoRA      weights 2·P/W (16-bit frozen base) + 4·A/W, gradients 4·A/W, optimizer 8·A/W
-      floor     the same with 16-bit everything: full 2+2+4 bytes/param, LoRA 2·P/W + 8·A/W
+    automodel, per part as the trainer places it (the fullest rank; S = DP·CP, FSDP2's shards):
+      decoder layers  (P − embeddings) / (PP·TP·S)  — TP splits them, PP divides them;
+                      MoE experts are sharded over EP instead of S: / (PP·TP·EP)
+      embeddings      E / S on the first stage, the LM head E / S on the last (both when PP = 1,
+                      one tensor when tied): TP keeps them whole
+      LoRA adapter    A / (PP·S) · (1 + 1/TP) / 2  — TP splits one of each pair (B of a
+                      column-split layer, A of a row-split one) and keeps the other whole
+      full FT   weights 4·Pr (fp32 master)  gradients 4·Pr  optimizer 8·Pr (AdamW m, v fp32)
+      LoRA      weights 2·Pr (16-bit frozen base on GPUs) + 4·Ar, gradients 4·Ar, optimizer 8·Ar
+                (Pr, Ar: the parameters and adapter parameters of that rank)
+      floor     16-bit everything sharded over all W ranks (the least any trainer could hold):
+                full 2+2+4 bytes/param over W, LoRA 2·P/W + 8·A/W
     unsloth (one GPU, no sharding; b = bytes/param of the loaded base: 4-bit 0.5, 8-bit 1,
              else 2, or 4 for dtype float32; embeddings and lm_head, ≈ 2·V·h, stay 16-bit):
       full FT   weights b·P  gradients b·P  optimizer adamw 2·b·P, adamw_8bit 2·P, sgd 0
       LoRA      weights b·P + 4·A, gradients 4·A, optimizer adamw 8·A, 8-bit 2·A, sgd 0
       floor     the same without the 16-bit embeddings, and 0 for a paged optimizer (it can
                 spill to host memory)
-    activations (per micro batch; s = max_seq_length / CP, b = micro batch, t = TP;
+    activations (per micro batch; s = max_seq_length / CP, b = micro batch, t = TP, V the
+                 vocabulary of the shape above;
                  Korthikanti et al. 2022, 16-bit, flash attention: s·b·h·(10 + 24/t) per layer)
       no checkpointing (automodel): s·b·h·(10 + 24/t) · L/PP · min(PP, accumulation steps)
                                      (1F1B keeps up to PP micro batches in flight on stage 0)
@@ -40,9 +50,10 @@ Formula (P = numParameters, W = world size = DP × TP × PP × CP, bytes per GiB
       offloaded (unsloth "unsloth"): one layer's full activations + its input
       logits: s·b·V·12 bytes (16-bit logits, fp32 copy and gradient for the loss);
               unsloth's chunked cross-entropy: s·b·V·4
-    teacher (distillation): T·p/W (p = 2 for bf16/fp16, 4 for fp32; sharded like the student),
-             or one layer T·p/L_T when offload_teacher; plus its logits and the KD softmaxes
-             s·b·V·10 bytes. Floor: T·p/W, or 0 when offloaded.
+    teacher (distillation): T·p (p = 2 for bf16/fp16, 4 for fp32; every rank holds a full,
+             unsharded copy, as the trainer does), or one layer T·p/L_T when offload_teacher
+             (the trainer streams it layer by layer); plus its logits and the KD softmaxes
+             s·b·V·10 bytes. Floor: T·p, or 0 when offloaded.
     overhead: CUDA context 1 GiB, NCCL 0.5 GiB when W > 1, and FSDP2's all-gathered 16-bit
               copy of two layers (current + prefetch) when DP·CP > 1: 2 · 2·(P/L)/t.
 
@@ -59,7 +70,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from kubetune.api.automodel import LORA_FINETUNING_TYPES, AutomodelSpec
-from kubetune.api.resources import Backend, FileSetSpec, ModelSpec
+from kubetune.api.resources import Backend, FileSetSpec, MemoryStatus, ModelSpec
 from kubetune.api.unsloth import UnslothSpec
 from kubetune.planning.layout import Layout
 
@@ -110,6 +121,39 @@ class MemoryInputs:
     teacher_parameters: int | None = None
     teacher_bytes: float = 2.0
     offload_teacher: bool = False
+    shape: ModelShape | None = None
+    """The student's shape; None: guessed from `num_parameters` (`ModelShape.of`)."""
+    experts: bool = False
+    """An MoE model (its experts are sharded over EP, not FSDP2)."""
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The sizes the estimate splits a model by: declared on the Model, or guessed from its size."""
+
+    hidden: float
+    layers: int
+    vocab: int
+    embedding: float
+    """Parameters of one embedding matrix (the input embedding; the LM head is as large)."""
+    tied: bool
+
+    @classmethod
+    def of(cls, params: float, model: ModelSpec | None = None) -> ModelShape:
+        guessed_hidden = (10.0 * params) ** (1.0 / 3.0)
+        hidden_size, vocab_size = (model.hiddenSize, model.vocabSize) if model else (None, None)
+        hidden = float(hidden_size or guessed_hidden)
+        layers = (model.numLayers if model else None) or max(1, round(guessed_hidden / HIDDEN_PER_LAYER))
+        vocab = vocab_size or ASSUMED_VOCAB
+        embedding = vocab * hidden
+        if hidden_size is None or vocab_size is None:
+            embedding = min(embedding, params / 4)
+        return cls(hidden, layers, vocab, embedding, bool(model and model.tieWordEmbeddings))
+
+    @property
+    def head_parameters(self) -> float:
+        """Embedding plus LM head (one matrix when tied)."""
+        return self.embedding * (1 if self.tied else 2)
 
 
 @dataclass(frozen=True)
@@ -138,9 +182,20 @@ class MemoryEstimate:
         values.update(total_gib=round(self.total, 1), floor_gib=round(self.floor, 1), gpus=self.gpus)
         return values
 
-    def as_status(self) -> dict[str, float | int]:
-        """camelCase, as `status.memoryEstimate` holds it (values in GiB per GPU)."""
-        return {_camel_gib(key): value for key, value in self.as_dict().items()}
+    def as_status(self) -> MemoryStatus:
+        """`status.memoryEstimate`: the same values as `as_dict`, in GiB per GPU."""
+        values = self.as_dict()
+        return MemoryStatus(
+            weightsGiB=values["weights_gib"],
+            gradientsGiB=values["gradients_gib"],
+            optimizerGiB=values["optimizer_gib"],
+            activationsGiB=values["activations_gib"],
+            teacherGiB=values["teacher_gib"],
+            overheadGiB=values["overhead_gib"],
+            totalGiB=values["total_gib"],
+            floorGiB=values["floor_gib"],
+            gpus=self.gpus,
+        )
 
     def explain(self) -> str:
         lines = [f"estimated GPU memory: {self.total:.1f} GiB per GPU ({self.gpus} GPU{'s' * (self.gpus > 1)})"]
@@ -152,18 +207,19 @@ class MemoryEstimate:
         return "\n".join(lines)
 
 
-def _camel_gib(key: str) -> str:
-    head, *rest = key.split("_")
-    return head + "".join("GiB" if word == "gib" else word.title() for word in rest)
-
-
 # --------------------------------------------------------------------------- inputs
 
 
 def memory_inputs(
-    section: AutomodelSpec | UnslothSpec, num_parameters: int, teacher_parameters: int | None = None
+    section: AutomodelSpec | UnslothSpec,
+    num_parameters: int,
+    teacher_parameters: int | None = None,
+    student: ModelSpec | None = None,
 ) -> MemoryInputs:
-    """Normalise a backend section into what the estimate needs."""
+    """Normalise a backend section into what the estimate needs (`student`: the Model, for the
+    shape it declares)."""
+    shape = ModelShape.of(float(num_parameters), student)
+    experts = bool(student is not None and student.numExperts)
     if isinstance(section, AutomodelSpec):
         training = section.training
         lora = training.lora if training.finetuning_type in LORA_FINETUNING_TYPES else None
@@ -184,6 +240,8 @@ def memory_inputs(
             teacher_parameters=teacher_parameters if distill else None,
             teacher_bytes=4.0 if training.teacher_precision == "fp32" else 2.0,
             offload_teacher=training.offload_teacher,
+            shape=shape,
+            experts=experts,
         )
     model, unsloth_training = section.model, section.training
     if model.load_in_4bit:
@@ -207,6 +265,8 @@ def memory_inputs(
         micro_batch=section.batch.per_device_train_batch_size,
         checkpointing="offload" if gc == "unsloth" else "layers" if gc else "none",
         fused_loss=True,
+        shape=shape,
+        experts=experts,
     )
 
 
@@ -231,7 +291,7 @@ def estimate_memory(
     teacher_parameters = teacher.numParameters if teacher is not None else None
     if distill and (teacher_parameters is None or (teacher is not None and teacher.adapter is not None)):
         return None
-    return estimate(memory_inputs(section, model.numParameters, teacher_parameters), layout)
+    return estimate(memory_inputs(section, model.numParameters, teacher_parameters, model), layout)
 
 
 def estimate_from_resolved(
@@ -250,11 +310,12 @@ def estimate_from_resolved(
 def estimate(inputs: MemoryInputs, layout: Layout) -> MemoryEstimate:
     """The formula of the module docstring."""
     p = float(inputs.num_parameters)
-    hidden, layers = _shape(p)
+    shape = inputs.shape or ModelShape.of(p)
+    layers = shape.layers
     world = layout.world_size
     notes: dict[str, str] = {}
-    states = _states(inputs, layout, hidden, layers, notes)
-    acts = _activations(inputs, layout, hidden, layers, notes)
+    states = _states(inputs, layout, shape, notes)
+    acts = _activations(inputs, layout, shape, notes)
     teacher, teacher_floor = _teacher(inputs, layout, notes)
     notes["floor"] = (
         "weights, gradients and optimizer states at 16-bit, no activations"
@@ -293,28 +354,33 @@ class _States:
     floor: float
 
 
-def _states(inputs: MemoryInputs, layout: Layout, hidden: float, layers: int, notes: dict[str, str]) -> _States:
+def _states(inputs: MemoryInputs, layout: Layout, shape: ModelShape, notes: dict[str, str]) -> _States:
     p = float(inputs.num_parameters)
-    adapter = 0.0 if inputs.full else inputs.lora_rank * ALL_LINEAR_WIDTH * hidden * layers * inputs.lora_share
+    adapter = (
+        0.0 if inputs.full else inputs.lora_rank * ALL_LINEAR_WIDTH * shape.hidden * shape.layers * inputs.lora_share
+    )
     trained = p if inputs.full else adapter
     notes["gradients"] = f"{_count(trained)} trained params"
     if inputs.backend == "automodel":
-        shard = float(layout.world_size)
-        base = 0.0 if inputs.full else 2.0 * p
+        held = _rank_parameters(p, shape, layout, inputs.experts)
+        held_adapter = _rank_adapter(adapter, layout)
+        held_trained = held if inputs.full else held_adapter
+        base = 0.0 if inputs.full else 2.0 * held
         notes["weights"] = (
             f"{_count(p)} params × 4 bytes (fp32 master, bf16 compute)"
             if inputs.full
             else f"{_count(p)} × 2 bytes (16-bit frozen base) + {_count(adapter)} LoRA params × 4 bytes"
-        ) + (f", FSDP2-sharded over {layout.world_size} GPUs" if layout.world_size > 1 else "")
-        notes["optimizer"] = f"AdamW: 2 fp32 states × {_count(trained)} trained params"
+        ) + (f"; this GPU holds {_count(held)} of them" if layout.world_size > 1 else "")
+        notes["optimizer"] = f"AdamW: 2 fp32 states × {_count(held_trained)} trained params"
+        world = float(layout.world_size)
         return _States(
-            weights=(base + 4.0 * trained) / shard,
-            gradients=4.0 * trained / shard,
-            optimizer=8.0 * trained / shard,
-            floor=(base + (2.0 + 2.0 + 4.0) * trained) / shard,
+            weights=base + 4.0 * held_trained,
+            gradients=4.0 * held_trained,
+            optimizer=8.0 * held_trained,
+            floor=((0.0 if inputs.full else 2.0 * p) + (2.0 + 2.0 + 4.0) * trained) / world,
         )
     # unsloth: one GPU; bitsandbytes keeps the embeddings and lm_head in 16-bit
-    embeddings = min(2.0 * ASSUMED_VOCAB * hidden, p / 2) if inputs.quantized else 0.0
+    embeddings = min(shape.head_parameters, p / 2) if inputs.quantized else 0.0
     base = inputs.base_bytes * (p - embeddings) + 2.0 * embeddings
     trained_bytes = inputs.base_bytes if inputs.full else 4.0  # PEFT keeps adapters in fp32
     state_bytes = {"adamw": 2.0 * trained_bytes, "adamw_8bit": 2.0, "paged_adamw_8bit": 2.0, "sgd": 0.0}
@@ -335,8 +401,25 @@ def _states(inputs: MemoryInputs, layout: Layout, hidden: float, layers: int, no
     )
 
 
-def _activations(inputs: MemoryInputs, layout: Layout, hidden: float, layers: int, notes: dict[str, str]) -> float:
+def _rank_parameters(params: float, shape: ModelShape, layout: Layout, experts: bool) -> float:
+    """Parameters the fullest rank of an automodel job holds (see the module docstring)."""
+    shards = layout.data_parallel_size * layout.context_parallel_size
+    pp, tp = layout.pipeline_parallel_size, layout.tensor_parallel_size
+    outer = shape.head_parameters if pp == 1 else shape.embedding
+    decoder = max(0.0, params - shape.head_parameters)
+    decoder_shards = layout.expert_parallel_size if experts and layout.expert_parallel_size > 1 else shards
+    return decoder / (pp * tp * decoder_shards) + outer / shards
+
+
+def _rank_adapter(adapter: float, layout: Layout) -> float:
+    """LoRA parameters the fullest rank holds: TP splits one matrix of each pair."""
+    shards = layout.data_parallel_size * layout.context_parallel_size * layout.pipeline_parallel_size
+    return adapter / shards * (1.0 + 1.0 / layout.tensor_parallel_size) / 2.0
+
+
+def _activations(inputs: MemoryInputs, layout: Layout, shape: ModelShape, notes: dict[str, str]) -> float:
     """Bytes of activations (and logits) one rank keeps for the backward pass."""
+    hidden, layers = shape.hidden, shape.layers
     tp, pp = layout.tensor_parallel_size, layout.pipeline_parallel_size
     tokens = inputs.seq_len / layout.context_parallel_size * inputs.micro_batch
     per_layer = tokens * hidden * (10.0 + 24.0 / tp)
@@ -350,12 +433,21 @@ def _activations(inputs: MemoryInputs, layout: Layout, hidden: float, layers: in
     else:
         acts = 2.0 * tokens * hidden + per_layer
         how = "offloaded to host"
-    acts += tokens * ASSUMED_VOCAB * (FUSED_LOGIT_BYTES if inputs.fused_loss else LOGIT_BYTES)
+    acts += tokens * shape.vocab * (FUSED_LOGIT_BYTES if inputs.fused_loss else LOGIT_BYTES)
     notes["activations"] = (
         f"{inputs.seq_len} tokens × micro batch {inputs.micro_batch}, hidden ≈{hidden:.0f} × {layers} layers "
-        f"({how}), logits over {ASSUMED_VOCAB} tokens"
+        f"({how}), logits over {shape.vocab} tokens"
     )
     return acts
+
+
+def teacher_weight_bytes(inputs: MemoryInputs) -> float:
+    """Teacher weights on one GPU: a whole, unsharded copy (every rank holds one), or one layer
+    when offloaded (kubetune_trainer/automodel/teacher.py streams it layer by layer)."""
+    if inputs.teacher_parameters is None:
+        return 0.0
+    t = float(inputs.teacher_parameters)
+    return inputs.teacher_bytes * t / (ModelShape.of(t).layers if inputs.offload_teacher else 1)
 
 
 def _teacher(inputs: MemoryInputs, layout: Layout, notes: dict[str, str]) -> tuple[float, float]:
@@ -363,21 +455,16 @@ def _teacher(inputs: MemoryInputs, layout: Layout, notes: dict[str, str]) -> tup
     if inputs.teacher_parameters is None:
         return 0.0, 0.0
     t = float(inputs.teacher_parameters)
-    t_hidden, t_layers = _shape(t)
+    t_hidden = ModelShape.of(t).hidden
+    vocab = (inputs.shape or ModelShape.of(float(inputs.num_parameters))).vocab  # the student's, shared
     tokens = inputs.seq_len / layout.context_parallel_size * inputs.micro_batch
-    weights = inputs.teacher_bytes * t / (t_layers if inputs.offload_teacher else layout.world_size)
+    weights = teacher_weight_bytes(inputs)
     # no_grad forward: one layer's working set, then its logits and the two KD softmaxes
-    working = tokens * t_hidden * 34.0 + tokens * ASSUMED_VOCAB * TEACHER_LOGIT_BYTES
+    working = tokens * t_hidden * 34.0 + tokens * vocab * TEACHER_LOGIT_BYTES
     notes["teacher"] = f"{_count(t)} params × {inputs.teacher_bytes:.0f} bytes" + (
         ", offloaded (one layer on the GPU)" if inputs.offload_teacher else ""
     )
     return weights + working, 0.0 if inputs.offload_teacher else weights
-
-
-def _shape(params: float) -> tuple[float, int]:
-    """(hidden size, layers) of a dense Llama-like model with this many parameters."""
-    hidden = (10.0 * params) ** (1.0 / 3.0)
-    return hidden, max(1, round(hidden / HIDDEN_PER_LAYER))
 
 
 def _count(n: float) -> str:

@@ -14,8 +14,9 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
+from kubetune.api.resources import MemoryStatus
 from kubetune.planning import memory
 from kubetune.planning.layout import Layout
 from kubetune.planning.memory import MemoryEstimate, MemoryInputs
@@ -234,12 +235,14 @@ _CHANGES: tuple[Change, ...] = (
 )
 
 
-def memory_report(estimate: MemoryEstimate | None, gpu_memory_gib: float | None) -> dict[str, Any] | None:
+def memory_report(estimate: MemoryEstimate | None, gpu_memory_gib: float | None) -> MemoryStatus | None:
     """status.memoryEstimate: the estimate, plus the verdict when the GPU size is configured."""
     if estimate is None:
         return None
-    status: dict[str, Any] = dict(estimate.as_status())
+    status = estimate.as_status()
     if gpu_memory_gib is not None:
         check = check_memory(estimate, gpu_memory_gib)
-        status.update(gpuMemoryGiB=gpu_memory_gib, verdict=check.verdict, message=check.message)
+        status = status.model_copy(
+            update={"gpuMemoryGiB": gpu_memory_gib, "verdict": check.verdict, "message": check.message}
+        )
     return status

@@ -7,12 +7,16 @@ validators keep their text (without pydantic's "Value error, " prefix).
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Sequence
 from typing import Any
 
 from pydantic_core import ErrorDetails
 
 from kubetune.planning.hints import unknown_field_message
+
+_PLAIN_KEY = re.compile(r"[A-Za-z0-9_./-]+")
 
 _TYPE_NAMES = {
     "int_type": "a whole number",
@@ -48,27 +52,41 @@ _ENUM_HINTS: dict[tuple[str, Any], str] = {
 
 
 def dotted(loc: Sequence[int | str], prefix: str = "") -> str:
-    """`("automodel", "batch", "global_batch_size")` -> `spec.automodel.batch.global_batch_size`."""
+    """`("automodel", "batch", "global_batch_size")` -> `spec.automodel.batch.global_batch_size`.
+
+    A key that is not a plain name (an unknown key with spaces, quotes or a line break in it)
+    is written quoted, `spec.automodel["a b"]`, so a path stays one readable line.
+    """
     path = prefix
     for part in loc:
         if isinstance(part, int):
             path += f"[{part}]"
+        elif not _PLAIN_KEY.fullmatch(part):
+            path += f"[{quoted(part)}]"
         else:
             path = f"{path}.{part}" if path else part
     return path
+
+
+def quoted(key: str) -> str:
+    """A key in double quotes, with quotes, backslashes and unprintable characters (line
+    breaks of any kind) escaped as JSON does; other unicode is kept readable."""
+    return '"' + "".join(ch if ch.isprintable() and ch not in '"\\' else json.dumps(ch)[1:-1] for ch in key) + '"'
 
 
 def describe(error: ErrorDetails, section_path: str, siblings: list[str]) -> str:
     """One sentence for one pydantic error. `section_path` is the path within the backend section."""
     kind, value, ctx = error["type"], error.get("input"), error.get("ctx") or {}
     if kind == "extra_forbidden":
-        key = section_path.rsplit(".", 1)[-1]
+        raw_key = str(error["loc"][-1]) if error["loc"] else ""
+        key = raw_key if _PLAIN_KEY.fullmatch(raw_key) else quoted(raw_key)
         backend, _, within = section_path.partition(".")
         return unknown_field_message(backend or None, within, key, siblings)
     if kind == "missing":
         return "is required"
     if kind in ("literal_error", "enum"):
-        hint = _ENUM_HINTS.get((section_path, value))
+        # The input may be any JSON value, a list or a mapping among them (not hashable).
+        hint = _ENUM_HINTS.get((section_path, value)) if isinstance(value, str) else None
         message = f"must be one of {ctx.get('expected', '')}; got {_show(value)}"
         return f"{message}: {hint}" if hint else message
     if kind in _BOUNDS:

@@ -8,7 +8,8 @@ as a warning or left to the trainer, never silently passed as "fine".
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+import posixpath
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -63,13 +64,44 @@ class Catalog:
         return table.get((key.namespace, key.name))
 
 
-def cluster_source_problem(source: Source) -> str | None:
-    """Why a source cannot be mounted in a cluster, or None. Relative and `~` hostPaths are
-    for `kubetune run` (resolved against the manifest's folder); a node needs an absolute path."""
-    if source.hostPath is not None and not source.hostPath.path.startswith("/"):
+ALLOWED_HOST_PATHS_SETTING = "allowedHostPaths"
+"""The operator setting (Helm value; KUBETUNE_ALLOWED_HOST_PATHS) that lets hostPath sources in."""
+
+
+def host_path_allowed(path: str, allowed_prefixes: Sequence[str]) -> bool:
+    """Whether an absolute node path lies under one of the prefixes (whole path segments:
+    `/data` covers `/data/x`, not `/database`; `..` is resolved first, so it cannot climb out)."""
+    resolved = posixpath.normpath(path)
+    for prefix in allowed_prefixes:
+        root = posixpath.normpath(prefix)
+        if resolved == root or resolved.startswith(root.rstrip("/") + "/"):
+            return True
+    return False
+
+
+def cluster_source_problem(source: Source, allowed_host_paths: Sequence[str] = ()) -> str | None:
+    """Why a source cannot be mounted in a cluster, or None.
+
+    Relative and `~` hostPaths are for `kubetune run` (resolved against the manifest's folder);
+    a node needs an absolute path. And a hostPath mounts a folder of the node into a pod the
+    operator creates, which anyone allowed to create a Model could aim at `/` or a container
+    runtime's socket: in a cluster it is refused unless the operator's allowedHostPaths covers it.
+    """
+    if source.hostPath is None:
+        return None
+    path = source.hostPath.path
+    if not path.startswith("/"):
         return (
-            f"spec.source.hostPath.path {source.hostPath.path!r} is relative: in a cluster give an absolute "
+            f"spec.source.hostPath.path {path!r} is relative: in a cluster give an absolute "
             "path on the node (relative paths and ~ are for kubetune run only)"
+        )
+    if not host_path_allowed(path, allowed_host_paths):
+        allowed = ", ".join(allowed_host_paths) if allowed_host_paths else "none"
+        return (
+            f"spec.source.hostPath.path {path!r} is not allowed in this cluster: the operator setting "
+            f"{ALLOWED_HOST_PATHS_SETTING} (Helm value; allowed now: {allowed}) must list a prefix of it, "
+            "because a hostPath mounts the node's own files into the trainer pod; use a pvc or uri source, "
+            "or ask the cluster administrator to allow the folder"
         )
     return None
 
@@ -218,6 +250,7 @@ def _check_architecture(section: AutomodelSpec, model: ModelSpec, result: Refere
         for name, size, known, fields in (
             ("head counts", parallelism.tensor_parallel_size, model.numKeyValueHeads is not None, "numKeyValueHeads"),
             ("layer count", parallelism.pipeline_parallel_size, model.numLayers is not None, "numLayers"),
+            ("expert count", parallelism.expert_parallel_size or 1, model.numExperts is not None, "numExperts"),
         )
         if size > 1 and not known
     ]

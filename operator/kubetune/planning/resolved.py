@@ -8,7 +8,8 @@ tell the difference, and reads nothing else.
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Mapping
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -16,6 +17,7 @@ from kubetune.api.automodel import LORA_FINETUNING_TYPES, AutomodelSpec
 from kubetune.api.common import GROUP_VERSION
 from kubetune.api.resources import Backend
 from kubetune.api.unsloth import UnslothSpec
+from kubetune.planning.names import default_output_name
 
 OutputType = Literal["adapter", "model"]
 
@@ -93,13 +95,35 @@ def output_type(section: AutomodelSpec | UnslothSpec) -> OutputType:
 
 
 def output_name(section: AutomodelSpec | UnslothSpec, job_name: str) -> str:
-    """The output Model's name: the one the job gives, else `<job>-output` (a valid DNS label)."""
+    """The output Model's name: the one the job gives, else `<job>-output`."""
     given = section.output.name if section.output is not None else None
-    return given or f"{job_name[:56].rstrip('-')}-output"
+    return given or default_output_name(job_name)
 
 
 def base_model_reference(section: AutomodelSpec | UnslothSpec) -> str:
     return section.model if isinstance(section, AutomodelSpec) else section.model.name
+
+
+def output_model_details(
+    section: AutomodelSpec | UnslothSpec, job: str, progress: Mapping[str, Any] | None
+) -> dict[str, Any]:
+    """`description` and `training` of the Model a finished job creates (`job` is `namespace/name`;
+    `progress` the job's status.progress, whose last values are the final losses)."""
+    progress = progress or {}
+    training = {
+        "job": job,
+        "baseModel": base_model_reference(section),
+        "backend": "automodel" if isinstance(section, AutomodelSpec) else "unsloth",
+        "trainingType": section.training.training_type,
+        "finetuningType": section.training.finetuning_type,
+        "finalLoss": progress.get("trainLoss"),
+        "finalValLoss": progress.get("valLoss"),
+    }
+    details: dict[str, Any] = {"training": {key: value for key, value in training.items() if value is not None}}
+    description = section.output.description if section.output is not None else None
+    if description:
+        details["description"] = description
+    return details
 
 
 def resolve(

@@ -12,11 +12,12 @@ Rules that need other objects (references, tokenizers, experts) are in `referenc
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from kubetune.api.resources import Source
+from kubetune.planning.dtypes import precision_matches_dtype
 from kubetune.planning.layout import batch_fits_data_parallel, expert_parallel_fits, gpus_fit_model_parallel
 
 Kind = Literal["CustomizationJob", "Model", "FileSet"]
@@ -64,6 +65,16 @@ _ROOT_TP_PP_CP = _TP_PP_CP.replace("self.", "self.parallelism.")
 _ROOT_GPUS = _GPUS.replace("self.", "self.parallelism.")
 
 
+_LAYOUT_FIELDS = (
+    "parallelism.num_gpus_per_node",
+    "parallelism.num_nodes",
+    "parallelism.tensor_parallel_size",
+    "parallelism.pipeline_parallel_size",
+    "parallelism.context_parallel_size",
+)
+"""The fields the data-parallel size is computed from (paths from the section)."""
+
+
 def _source_count(source: Source) -> int:
     return sum(value is not None for value in (source.pvc, source.hostPath, source.uri))
 
@@ -86,13 +97,7 @@ RULES: tuple[Rule, ...] = (
         section="automodel",
         node="parallelism",
         field="",
-        concerns=(
-            "parallelism.num_gpus_per_node",
-            "parallelism.num_nodes",
-            "parallelism.tensor_parallel_size",
-            "parallelism.pipeline_parallel_size",
-            "parallelism.context_parallel_size",
-        ),
+        concerns=_LAYOUT_FIELDS,
         check=lambda p: gpus_fit_model_parallel(p),
         cel=f"{_GPUS} % {_TP_PP_CP} == 0",
         message=(
@@ -106,15 +111,7 @@ RULES: tuple[Rule, ...] = (
         section="automodel",
         node="",
         field="batch.global_batch_size",
-        concerns=(
-            "batch.global_batch_size",
-            "batch.micro_batch_size",
-            "parallelism.num_gpus_per_node",
-            "parallelism.num_nodes",
-            "parallelism.tensor_parallel_size",
-            "parallelism.pipeline_parallel_size",
-            "parallelism.context_parallel_size",
-        ),
+        concerns=("batch.global_batch_size", "batch.micro_batch_size", *_LAYOUT_FIELDS),
         check=lambda spec: batch_fits_data_parallel(spec.batch, spec.parallelism),
         cel=(
             f"{_ROOT_GPUS} % {_ROOT_TP_PP_CP} != 0 || self.batch.global_batch_size % "
@@ -142,14 +139,7 @@ RULES: tuple[Rule, ...] = (
         section="automodel",
         node="parallelism",
         field="expert_parallel_size",
-        concerns=(
-            "parallelism.expert_parallel_size",
-            "parallelism.num_gpus_per_node",
-            "parallelism.num_nodes",
-            "parallelism.tensor_parallel_size",
-            "parallelism.pipeline_parallel_size",
-            "parallelism.context_parallel_size",
-        ),
+        concerns=("parallelism.expert_parallel_size", *_LAYOUT_FIELDS),
         check=lambda p: not gpus_fit_model_parallel(p) or expert_parallel_fits(p),
         cel=(
             f"!has(self.expert_parallel_size) || {_GPUS} % {_TP_PP_CP} != 0 || "
@@ -286,6 +276,24 @@ RULES: tuple[Rule, ...] = (
         message="merged_16bit and merged_4bit merge a LoRA adapter: use them only with finetuning_type: lora",
     ),
     Rule(
+        name="PrecisionMatchesDtype",
+        kind="CustomizationJob",
+        section="unsloth",
+        node="",
+        field="hardware.precision",
+        concerns=("hardware.precision", "model.dtype"),
+        check=lambda spec: precision_matches_dtype(spec.hardware.precision, spec.model.dtype),
+        cel=(
+            "self.model.dtype == 'auto' || self.model.dtype == 'float32' || "
+            "(self.hardware.precision == 'bf16' ? self.model.dtype == 'bfloat16' : self.model.dtype == 'float16')"
+        ),
+        message=(
+            "hardware.precision and model.dtype disagree: bf16 training needs model.dtype auto, bfloat16 or "
+            "float32, fp16 training needs auto, float16 or float32 (fp16 weights cannot train in bf16, nor bf16 "
+            "weights in fp16); change spec.unsloth.hardware.precision or spec.unsloth.model.dtype"
+        ),
+    ),
+    Rule(
         name="WarmupIsExclusive",
         kind="CustomizationJob",
         section="unsloth",
@@ -332,9 +340,11 @@ IMMUTABLE_MESSAGE = (
 CEL transition rule on each backend section and the webhook compares old and new."""
 
 
-def backend_changed(old_spec: dict[str, object] | None, new_spec: dict[str, object] | None) -> bool:
-    old_spec, new_spec = old_spec or {}, new_spec or {}
-    return any(old_spec.get(backend) != new_spec.get(backend) for backend in ("automodel", "unsloth"))
+def backend_changed(old_spec: object, new_spec: object) -> bool:
+    # Either may be anything a client sent (a list, a string): only a mapping has sections.
+    old = old_spec if isinstance(old_spec, Mapping) else {}
+    new = new_spec if isinstance(new_spec, Mapping) else {}
+    return any(old.get(backend) != new.get(backend) for backend in ("automodel", "unsloth"))
 
 
 def rules_for(kind: Kind) -> tuple[Rule, ...]:

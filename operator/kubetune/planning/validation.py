@@ -22,10 +22,13 @@ from kubetune.api.automodel import AutomodelSpec
 from kubetune.api.common import DNS_LABEL_PATTERN, GROUP_VERSION, manifest_identity
 from kubetune.api.resources import BACKENDS, Backend, CustomizationJobSpec, FileSetSpec, ModelSpec
 from kubetune.api.unsloth import UnslothSpec
+from kubetune.planning.dtypes import gpu_dtype_findings
+from kubetune.planning.gpus import gpu_selection_warnings
 from kubetune.planning.layout import Layout, compute_layout
 from kubetune.planning.messages import describe, dotted
 from kubetune.planning.references import Catalog, Finding, ReferenceCheck, check_references
 from kubetune.planning.rules import Kind, Rule, rules_for
+from kubetune.planning.tracking import secret_reference_errors
 
 _MAX_REPAIRS = 16
 T = TypeVar("T", bound=BaseModel)
@@ -69,8 +72,12 @@ class JobReport:
         }
 
 
-def validate_job(manifest: Any, catalog: Catalog | None = None) -> JobReport:
-    """Validate a CustomizationJob manifest (a parsed YAML/JSON mapping)."""
+def validate_job(manifest: Any, catalog: Catalog | None = None, gpu_type: str | None = None) -> JobReport:
+    """Validate a CustomizationJob manifest (a parsed YAML/JSON mapping).
+
+    `gpu_type`: the cluster's GPU type when known (operator setting, `kubetune validate --gpu-type`),
+    for the dtype rules that depend on it (`dtypes.gpu_dtype_findings`).
+    """
     if not isinstance(manifest, Mapping):
         report = JobReport(name="", namespace="default")
         report.errors.append(Finding("", "a CustomizationJob must be a mapping", "NotAMapping"))
@@ -104,6 +111,11 @@ def validate_job(manifest: Any, catalog: Catalog | None = None) -> JobReport:
     section = report.section
     assert section is not None
     report.layout = compute_layout(section)
+    assert report.backend is not None
+    report.errors.extend(secret_reference_errors(section, namespace, report.backend))
+    report.errors.extend(gpu_dtype_findings(section, gpu_type))
+    if isinstance(section, UnslothSpec):
+        report.warnings.extend(gpu_selection_warnings(section))
     if catalog is not None:
         report.references = check_references(section, namespace, catalog)
         report.errors.extend(report.references.errors)

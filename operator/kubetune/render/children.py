@@ -19,9 +19,11 @@ from pathlib import PurePosixPath
 from typing import Any
 
 from kubetune.api.common import GROUP_VERSION
-from kubetune.api.resources import CustomizationJobSpec, Source
+from kubetune.api.resources import DATA_FILE_SUFFIXES, CustomizationJobSpec, Source
 from kubetune.api.unsloth import UnslothSpec
+from kubetune.planning.gpus import GPUS_ASSIGNED_BY_NODE, UNSLOTH_GPUS
 from kubetune.planning.layout import Layout
+from kubetune.planning.names import ChildNames as ChildNames  # the handlers find children by these
 from kubetune.planning.resolved import (
     MOUNT_CONFIG,
     MOUNT_MODEL,
@@ -34,8 +36,8 @@ from kubetune.planning.resolved import (
     ResolvedPaths,
     resolve,
 )
+from kubetune.planning.tracking import hub_token_env, secret_env
 
-DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
 PROGRESS_FILE = "progress.jsonl"
 CONTAINER = "pytorch"  # the training-operator finds the training container by this name
 RUN_AS_USER = 1000
@@ -69,37 +71,6 @@ class JobInput:
     """Source of each resolved reference by role: model, teacher, training, validation."""
 
 
-@dataclass(frozen=True)
-class ChildNames:
-    """Deterministic names of a job's children (job names are DNS labels of at most 63)."""
-
-    job: str
-
-    def _name(self, suffix: str) -> str:
-        return f"{self.job[: 63 - len(suffix) - 1].rstrip('-')}-{suffix}"
-
-    @property
-    def config_map(self) -> str:
-        return self._name("config")
-
-    @property
-    def service_account(self) -> str:
-        return self._name("trainer")
-
-    @property
-    def role(self) -> str:
-        return self._name("progress")
-
-    @property
-    def output_claim(self) -> str:
-        return self._name("output")
-
-    @property
-    def workload(self) -> str:
-        """The PyTorchJob or Job; pods are named after it."""
-        return self._name("train")
-
-
 # --------------------------------------------------------------------------- mounts
 
 
@@ -112,7 +83,7 @@ class Mount:
     @property
     def is_file(self) -> bool:
         path = self._source_path()
-        return path is not None and path.endswith(DATA_SUFFIXES)
+        return path is not None and path.endswith(DATA_FILE_SUFFIXES)
 
     def _source_path(self) -> str | None:
         if self.source.pvc is not None:
@@ -328,6 +299,9 @@ def _pod_template(
         {"name": "HF_HOME", "value": "/cache/huggingface"},
         {"name": "TRITON_CACHE_DIR", "value": "/cache/triton"},
         *({"name": f"KUBETUNE_{key.upper()}", "value": str(value)} for key, value in job.layout.as_dict().items()),
+        {"name": GPUS_ASSIGNED_BY_NODE, "value": "1"},  # hardware.gpus indices do not apply in a pod
+        *secret_env(job.spec, job.namespace),
+        *hub_token_env(job.sources),  # tracking credentials, never in the ConfigMap
     ]
     resources = {kind: dict(amounts) for kind, amounts in settings.resources.items() if amounts}
     if gpus:
@@ -403,8 +377,8 @@ def _pytorch_job(job: JobInput, names: ChildNames, settings: TrainerSettings) ->
 
 
 def unsloth_gpu_count(section: UnslothSpec) -> int:
-    """GPUs to request: the number of indices in hardware.gpus (the device plugin picks which)."""
-    return len(section.hardware.gpus.split(",")) if section.hardware.gpus else 1
+    """GPUs to request: one, whatever hardware.gpus lists (kubetune.planning.gpus)."""
+    return UNSLOTH_GPUS
 
 
 def _batch_job(job: JobInput, names: ChildNames, settings: TrainerSettings) -> dict[str, Any]:

@@ -5,9 +5,11 @@ Features:
   loss = ratio × KL(teacher/T ‖ student/T)·T² + (1 − ratio) × CE on completion tokens
   (`kubetune_trainer.losses.distillation_sums`); `distillation_ratio` 0 = CE only, 1 = KD only;
 - the student trains as in SFT: LoRA, merged LoRA or full weights, any layout, checkpoints
-  and resume; the teacher is not sharded (each rank keeps a full copy for inference; under
+  and resume; the teacher (`teacher.py`) computes in its own precision, outside the
+  student's autocast, is not sharded (each rank keeps a full copy for inference; under
   context parallel it runs on the rank's slices, under pipeline parallel on the last stage)
-  and, with `offload_teacher`, waits in CPU memory between forward passes;
+  and, with `offload_teacher`, stays in CPU memory and is streamed to the device one layer
+  at a time;
 - the step history records `kl` and `ce` next to the loss; `val_loss` is the same
   combined loss on the validation data.
 
@@ -21,11 +23,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from kubetune.planning.resolved import ResolvedJob
 from kubetune_trainer.automodel.engine import Engine, lora_settings, save_output, seed_everything, start_run
 from kubetune_trainer.automodel.steps import LossFn, make_runner
+from kubetune_trainer.automodel.teacher import FrozenTeacher
 from kubetune_trainer.checkpoint import Preemption
 from kubetune_trainer.config import ConfigError, RunOptions, automodel_section, check_model_split, check_supported
 from kubetune_trainer.data import load_splits
@@ -35,6 +37,7 @@ from kubetune_trainer.models import (
     DTYPES,
     ModelError,
     add_lora,
+    base_weights_dtype,
     count_parameters,
     load_causal_lm,
     load_config,
@@ -62,9 +65,9 @@ def run(job: ResolvedJob, options: RunOptions) -> Path:
         try:
             with Preemption() as preemption:
                 # 1. Load: tokenizers and data first (fail fast), then student and teacher.
-                model_path = local_model_path(job.paths.model)
+                model_path = local_model_path(job.paths.model, world)
                 check_model_split(job, load_config(model_path))
-                teacher_path = local_model_path(job.paths.teacher_model)
+                teacher_path = local_model_path(job.paths.teacher_model, world)
                 tokenizer = load_tokenizer(model_path)
                 teacher_tokenizer = load_tokenizer(teacher_path)
                 splits = load_splits(
@@ -76,7 +79,8 @@ def run(job: ResolvedJob, options: RunOptions) -> Path:
                     ctx.seed,
                 )
                 seed_everything(ctx.seed)
-                model = load_causal_lm(model_path, torch.float32)
+                lora = lora_settings(section)
+                model = load_causal_lm(model_path, base_weights_dtype(world.device, lora is not None))
                 teacher = load_causal_lm(teacher_path, DTYPES[training.teacher_precision])
                 mismatch = vocabulary_mismatch((tokenizer, model), (teacher_tokenizer, teacher))
                 if mismatch:
@@ -85,22 +89,16 @@ def run(job: ResolvedJob, options: RunOptions) -> Path:
                         f"{mismatch}. Pick a teacher of the student's model family (same tokenizer and vocabulary)"
                     )
 
-                # 2. Setup: the student as in SFT; the teacher frozen, on the device unless offloaded.
-                teacher.requires_grad_(False)
-                teacher.eval()
-                offload = training.offload_teacher and world.device.type != "cpu"
-                teacher.to("cpu" if offload else world.device)
+                # 2. Setup: the student as in SFT; the teacher frozen, on the device or streamed (teacher.py).
                 # Under context parallel the teacher sees the same slices as the student (same attention).
                 ContextParallel.from_mesh(world.mesh).apply(teacher)
-                lora = lora_settings(section)
+                frozen = FrozenTeacher(teacher, world.device, offload=training.offload_teacher)
                 if lora is not None:
                     model = add_lora(model, lora["rank"], lora["alpha"], lora["target_modules"])
                 model.config.use_cache = False  # type: ignore[union-attr]
                 model.to(world.device)
                 parallel = parallelize(model, world)
-                loss_fn = _loss(
-                    teacher, world.device, offload, training.distillation_ratio, training.distillation_temperature
-                )
+                loss_fn = _loss(frozen, training.distillation_ratio, training.distillation_temperature)
                 runner = make_runner(parallel, loss_fn, world, pad_id(tokenizer), job, ("ce", "kl"))
                 engine = Engine(ctx, parallel, runner, splits, pad_id(tokenizer), lora is not None)
                 trainable, total = count_parameters(parallel.module)
@@ -134,14 +132,9 @@ def run(job: ResolvedJob, options: RunOptions) -> Path:
         shutdown(world)
 
 
-def _loss(teacher: nn.Module, device: torch.device, offload: bool, ratio: float, temperature: float) -> LossFn:
+def _loss(teacher: FrozenTeacher, ratio: float, temperature: float) -> LossFn:
     def loss(logits: torch.Tensor, labels: torch.Tensor, inputs: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
-        with torch.no_grad():
-            if offload:
-                teacher.to(device)
-            teacher_logits = teacher(**inputs).logits
-            if offload:
-                teacher.to("cpu")
+        teacher_logits = teacher.logits(inputs)  # in teacher_precision, outside the student's autocast
         total, kl, ce = distillation_sums(logits, teacher_logits, labels, ratio, temperature)
         return total, {"kl": kl.detach(), "ce": ce.detach()}
 

@@ -8,7 +8,8 @@ Features:
   `kubetune_trainer.batching` (packing, the step schedule);
 - any layout the planner accepts, under torchrun (gloo on CPU, NCCL on GPUs): data
   parallel with FSDP2, tensor, pipeline, context and expert parallel on one device mesh
-  (`distributed.parallelize`, docs/parallelism.md); fp32 on CPU, bf16 compute on GPUs;
+  (`distributed.parallelize`, docs/parallelism.md); fp32 on CPU, bf16 compute on GPUs
+  (where a LoRA job stores its frozen base in bf16: `models.base_weights_dtype`);
 - checkpoints every N steps, at the end and on SIGTERM; resume from the newest one;
 - the result as a PEFT adapter or a safetensors model, plus `kubetune.json`.
 
@@ -38,6 +39,7 @@ from kubetune_trainer.distributed import init_world, parallelize, shutdown
 from kubetune_trainer.losses import cross_entropy_sum, linear_cross_entropy_sum
 from kubetune_trainer.models import (
     add_lora,
+    base_weights_dtype,
     count_parameters,
     load_causal_lm,
     load_config,
@@ -60,7 +62,7 @@ def run(job: ResolvedJob, options: RunOptions) -> Path:
         try:
             with Preemption() as preemption:
                 # 1. Load: tokenizer and every data row first, so bad data fails before the model loads.
-                model_path = local_model_path(job.paths.model)
+                model_path = local_model_path(job.paths.model, world)
                 check_model_split(job, load_config(model_path))
                 tokenizer = load_tokenizer(model_path)
                 splits = load_splits(
@@ -72,10 +74,10 @@ def run(job: ResolvedJob, options: RunOptions) -> Path:
                     ctx.seed,
                 )
                 seed_everything(ctx.seed)  # same seed on every rank: identical LoRA init before sharding
-                model = load_causal_lm(model_path, torch.float32)
+                lora = lora_settings(section)
+                model = load_causal_lm(model_path, base_weights_dtype(world.device, lora is not None))
 
                 # 2. Setup: adapter or full weights, device, FSDP2, optimizer; resume if a checkpoint exists.
-                lora = lora_settings(section)
                 if lora is not None:
                     model = add_lora(model, lora["rank"], lora["alpha"], lora["target_modules"])
                 model.config.use_cache = False  # type: ignore[union-attr]

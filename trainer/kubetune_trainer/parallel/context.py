@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kubetune_trainer.batching import model_inputs
 from kubetune_trainer.data import IGNORE_INDEX
 from kubetune_trainer.losses import shift_labels
 
@@ -108,15 +109,7 @@ class ContextShard:
     """Label tokens in this shard (the shards of a micro batch add up to the batch's count)."""
 
     def model_inputs(self, device: torch.device) -> dict[str, Any]:
-        # No KV cache: with one, transformers would build its own mask.
-        inputs: dict[str, Any] = {
-            "input_ids": self.input_ids.to(device),
-            "position_ids": self.position_ids.to(device),
-            "use_cache": False,
-        }
-        if self.attention_mask is not None:
-            inputs["attention_mask"] = self.attention_mask.to(device)
-        return inputs
+        return model_inputs(self.input_ids, self.position_ids, self.attention_mask, device)
 
 
 def shard_batch(batch: Batch, cp_rank: int, cp_size: int, pad_id: int = 0) -> ContextShard:

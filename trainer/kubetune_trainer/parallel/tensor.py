@@ -39,10 +39,16 @@ PARTIAL_GRAD_STYLE = "replicated_with_grad_allreduce"
 
 
 def model_tp_plan(model: nn.Module) -> dict[str, str]:
-    """The plan transformers ships for this model's family ({} when it has none)."""
-    config = getattr(model, "config", None)
-    plan = getattr(config, "base_model_tp_plan", None) or {}
-    return {str(key): str(style) for key, style in plan.items()}
+    """The plan transformers ships for this model's family ({} when it has none).
+
+    `model` may wrap the transformers model (peft, a pipeline stage): the first submodule
+    with a config that has a plan gives it.
+    """
+    for module in model.modules():
+        plan = getattr(getattr(module, "config", None), "base_model_tp_plan", None)
+        if plan:
+            return {str(key): str(style) for key, style in plan.items()}
+    return {}
 
 
 def _pattern(key: str) -> re.Pattern[str]:

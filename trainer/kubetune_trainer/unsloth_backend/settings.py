@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from kubetune.api.unsloth import UnslothSpec
+from kubetune.planning.gpus import GPUS_ASSIGNED_BY_NODE
 from kubetune.planning.resolved import ResolvedJob
 from kubetune_trainer.config import ConfigError
 
@@ -45,7 +46,7 @@ def select_gpus(gpus: str | None, environ: dict[str, str] | os._Environ[str] | N
     from that list, so `gpus: "0"` means "the first GPU this container may use".
     """
     env = os.environ if environ is None else environ
-    if gpus is None:
+    if gpus is None or env.get(GPUS_ASSIGNED_BY_NODE) == "1":  # in a pod the node chose the GPU
         return None
     wanted = [int(index) for index in gpus.split(",")]
     current = env.get("CUDA_VISIBLE_DEVICES")
@@ -75,6 +76,13 @@ def nvidia_devices_present() -> bool:
 def unsloth_dtype(name: str) -> str | None:
     """`model.dtype` as FastLanguageModel's `dtype`: `auto` is unsloth's None (auto-detect)."""
     return None if name == "auto" else name
+
+
+def data_tokenizer(section: UnslothSpec, model_path: str) -> Any:
+    """The tokenizer that prepares the data, loaded as the model is (`model.trust_remote_code`)."""
+    from kubetune_trainer.models import load_tokenizer
+
+    return load_tokenizer(model_path, trust_remote_code=section.model.trust_remote_code)
 
 
 def from_pretrained_kwargs(section: UnslothSpec, model_path: str) -> dict[str, Any]:

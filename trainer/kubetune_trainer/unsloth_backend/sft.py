@@ -48,7 +48,7 @@ from typing import Any
 from kubetune.planning.resolved import ResolvedJob
 from kubetune_trainer.checkpoint import Preempted, Preemption
 from kubetune_trainer.config import ConfigError, RunOptions, check_integrations
-from kubetune_trainer.models import ModelError, load_tokenizer, local_model_path
+from kubetune_trainer.models import ModelError, local_model_path
 from kubetune_trainer.outputs import finished, job_record, result_path, write_result_with
 from kubetune_trainer.unsloth_backend import settings
 from kubetune_trainer.unsloth_backend.reporting import Notes, make_reporter
@@ -71,7 +71,7 @@ def run(job: ResolvedJob, options: RunOptions) -> Path:
 
     datasets.disable_progress_bars()  # per-map bars for a few hundred rows are noise in a job log
     on_gpu = torch.cuda.is_available()
-    if section.hardware.gpus is not None and not on_gpu and settings.nvidia_devices_present():
+    if visible is not None and not on_gpu and settings.nvidia_devices_present():
         raise ConfigError(
             f"hardware.gpus {section.hardware.gpus!r} (CUDA_VISIBLE_DEVICES={visible}) selects no usable GPU on "
             "this machine; fix the indices instead of training on CPU"
@@ -85,7 +85,9 @@ def run(job: ResolvedJob, options: RunOptions) -> Path:
             from kubetune_trainer.unsloth_backend.dataset import load_sft_data
 
             model_path = local_model_path(job.paths.model)
-            data = load_sft_data(section, job.paths.training, job.paths.validation, load_tokenizer(model_path))
+            data = load_sft_data(
+                section, job.paths.training, job.paths.validation, settings.data_tokenizer(section, model_path)
+            )
             notes.extend(f"warning: {w}" for w in data.warnings)
             if section.model.trust_remote_code:
                 notes.add("model.trust_remote_code is on: the checkpoint's own Python code may run")
@@ -175,6 +177,8 @@ def _select_gpus(gpus: str | None, notes: Notes) -> str | None:
     value = settings.select_gpus(gpus)
     if value is not None:
         notes.add(f"hardware.gpus {gpus!r}: CUDA_VISIBLE_DEVICES={value}")
+    elif gpus is not None:
+        notes.add(f"hardware.gpus {gpus!r} not applied: the node assigned this pod's GPU")
     return value
 
 

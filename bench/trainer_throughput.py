@@ -26,6 +26,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -115,6 +116,7 @@ def run_kubetune(model: str, folder: Path, data: Path, workdir: Path) -> dict[st
     report = validate_job(manifest)
     assert report.section is not None and report.layout is not None, report.errors
     output = workdir / f"kubetune-{model}"
+    shutil.rmtree(output, ignore_errors=True)  # a finished result would not be trained again
     paths = ResolvedPaths(model=str(folder), training=str(data), output=str(output))
     job = resolve(report.section, report.layout.as_dict(), JobIdentity(name="bench"), paths)
     progress = workdir / f"kubetune-{model}-progress.jsonl"

@@ -94,3 +94,13 @@ def test_validation_gives_every_rank_the_same_number_of_batches(examples: list[E
     assert counts == [1, 1, 1]
     fillers = validation_batches(sequences[:1], 1, 1, 2, 0, False)
     assert len(fillers) == 1 and fillers[0].num_label_tokens == 0
+
+
+def test_unpacked_micro_batches_are_grouped_by_length(examples: list[Example]) -> None:
+    sequences = as_sequences(examples, packing=False, max_length=64, seed=0)
+    schedule = StepSchedule(sequences, 8, 2, 0, 1, seed=5, pad_id=0, packed=False)
+    global_batch = [sequences[i] for i in schedule.global_indices(0)]
+    lengths = sorted(len(row[0]) for row in global_batch)
+    widths = [batch.input_ids.shape[1] for batch in schedule.micro_batches(0)]
+    assert widths == [max(lengths[a : a + 2]) for a in range(0, 8, 2)]  # sorted groups: the least padding
+    assert sum(b.num_tokens for b in schedule.micro_batches(0)) == sum(lengths)

@@ -4,7 +4,8 @@ Backend-neutral. The schedule is a pure function of (seed, step): epoch `e` visi
 sequences in the order of a permutation seeded with `seed + e`, global step `s` takes the
 next `global_batch_size` of them, and data-parallel rank `r` takes its micro batches from
 that global batch. So the data position of a resumed run is just its step number, and the
-global batch is the same whatever the world size.
+global batch is the same whatever the world size. Unpacked, each global batch is cut into
+micro batches of similar lengths (`StepSchedule.micro_batches`) to cut padding.
 
 Packing (`sequence_packing`): examples are packed first-fit into sequences of at most
 `max_seq_length` tokens. Positions restart at 0 for each example and no attention mask is
@@ -23,6 +24,9 @@ from typing import Any
 import torch
 
 from kubetune_trainer.data import IGNORE_INDEX, Example
+
+GROUP_BY_LENGTH = True
+"""Unpacked micro batches of similar lengths (False: in schedule order, as before; for tests)."""
 
 PackedSequence = list[Example]
 """One row of a batch: a single example, or several packed together."""
@@ -156,13 +160,24 @@ class StepSchedule:
         return self.order(epoch)[start : start + self.global_batch_size]
 
     def micro_batches(self, step: int) -> list[Batch]:
+        """This rank's micro batches of step `step`.
+
+        Unpacked, the global batch is grouped by length first: sorted by (length, index) and
+        cut into micro batches of similar lengths, dealt to the ranks in turn (rank r gets
+        micro batches r, r + dp, ...: each rank a mix of short and long ones). The global
+        batch, and with it the step's loss, stays the same; the padding shrinks.
+        """
         indices = self.global_indices(step)
-        per_rank = self.micro_batch_size * self.accumulation
-        mine = indices[self.dp_rank * per_rank : (self.dp_rank + 1) * per_rank]
-        return [
-            collate([self.sequences[i] for i in mine[a : a + self.micro_batch_size]], self.pad_id, self.packed)
-            for a in range(0, per_rank, self.micro_batch_size)
-        ]
+        micro = self.micro_batch_size
+        if not self.packed and GROUP_BY_LENGTH:
+            indices = sorted(indices, key=lambda i: (sum(len(e) for e in self.sequences[i]), i))
+            groups = [indices[a : a + micro] for a in range(0, len(indices), micro)]
+            mine_groups = groups[self.dp_rank :: self.dp_size]
+        else:
+            per_rank = micro * self.accumulation
+            mine = indices[self.dp_rank * per_rank : (self.dp_rank + 1) * per_rank]
+            mine_groups = [mine[a : a + micro] for a in range(0, per_rank, micro)]
+        return [collate([self.sequences[i] for i in group], self.pad_id, self.packed) for group in mine_groups]
 
 
 def validation_batches(

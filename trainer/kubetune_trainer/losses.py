@@ -12,6 +12,8 @@ a pipeline.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
@@ -65,3 +67,61 @@ def distillation_sums(
     ) * (t * t)
     ce = F.cross_entropy(student, targets, reduction="sum")
     return ratio * kl + (1.0 - ratio) * ce, kl, ce
+
+
+HEAD_CHUNK_ELEMENTS = 2**23
+"""Logits computed at once by `linear_cross_entropy_sum`: rows × vocabulary (32 MiB in fp32)."""
+
+
+class _LinearCrossEntropySum(torch.autograd.Function):
+    """sum CE(hidden @ weightᵀ, targets), its gradients computed chunk by chunk in the forward.
+
+    Each chunk's logits live only while that chunk is processed: the forward keeps the
+    gradients with respect to `hidden` (rows × hidden size) and `weight` instead of the logits
+    (rows × vocabulary), and the backward scales them by the incoming gradient.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_rows: int
+    ) -> torch.Tensor:
+        want_weight = weight.requires_grad
+        compute_weight = weight.detach().to(hidden.dtype)
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden)
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if want_weight else None
+        for start in range(0, hidden.shape[0], chunk_rows):
+            rows = hidden[start : start + chunk_rows].detach()
+            target = targets[start : start + chunk_rows]
+            logits = (rows @ compute_weight.t()).float()
+            log_z = torch.logsumexp(logits, dim=-1)
+            total += (log_z - logits.gather(1, target[:, None]).squeeze(1)).sum()
+            # d CE / d logits = softmax − one-hot, computed in place over the chunk's logits.
+            grad_logits = logits.sub_(log_z[:, None]).exp_()
+            grad_logits[torch.arange(target.shape[0], device=target.device), target] -= 1.0
+            grad_hidden[start : start + chunk_rows] = (grad_logits.to(hidden.dtype) @ compute_weight).to(hidden.dtype)
+            if grad_weight is not None:
+                grad_weight += grad_logits.t() @ rows.float()
+        ctx.save_for_backward(grad_hidden, grad_weight if grad_weight is not None else torch.empty(0))
+        ctx.want_weight, ctx.weight_dtype = want_weight, weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[Any, ...]:
+        grad_hidden, grad_weight = ctx.saved_tensors
+        scale = grad_output.to(grad_hidden.dtype)
+        weight_grad = (grad_weight * grad_output).to(ctx.weight_dtype) if ctx.want_weight else None
+        return grad_hidden * scale, weight_grad, None, None
+
+
+def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, shifted_labels: torch.Tensor) -> torch.Tensor:
+    """`cross_entropy_sum(hidden @ weightᵀ, shifted_labels)` without the full logits tensor.
+
+    Only the positions that carry a label get logits at all, a chunk of rows at a time
+    (`HEAD_CHUNK_ELEMENTS`); the gradients match the plain loss's (tests/trainer/test_losses.py).
+    """
+    mask = shifted_labels != IGNORE_INDEX
+    rows, targets = hidden[mask], shifted_labels[mask]
+    chunk_rows = max(1, HEAD_CHUNK_ELEMENTS // weight.shape[0])
+    loss: torch.Tensor = _LinearCrossEntropySum.apply(rows, weight, targets, chunk_rows)
+    return loss

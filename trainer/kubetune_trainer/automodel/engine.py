@@ -92,6 +92,19 @@ def make_reporter(job: ResolvedJob, world: World, options: RunOptions) -> Report
     return job_reporter(job, options) if world.is_main else NullReporter()
 
 
+FUSED_ADAMW = True
+"""One fused kernel for the whole AdamW update (False: torch's default per-parameter loop on CPU)."""
+
+
+def fused_adamw(params: list[torch.nn.Parameter]) -> bool | None:
+    """AdamW's implementation: fused over plain CPU/CUDA tensors (one kernel instead of a
+    Python loop over hundreds of LoRA matrices), torch's default for sharded (DTensor) ones."""
+    from torch.distributed.tensor import DTensor
+
+    plain = all(not isinstance(p, DTensor) and p.device.type in ("cpu", "cuda") for p in params)
+    return True if FUSED_ADAMW and plain and params else None
+
+
 @dataclass
 class Plan:
     steps_per_epoch: int
@@ -187,6 +200,7 @@ class Engine:
                 {"params": no_decay, "weight_decay": 0.0},
             ],
             lr=section.optimizer.learning_rate,
+            fused=fused_adamw(decay + no_decay),
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(section.optimizer.warmup_steps, self.plan.total_steps)

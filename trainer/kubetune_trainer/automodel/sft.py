@@ -36,7 +36,7 @@ from kubetune_trainer.checkpoint import Preemption
 from kubetune_trainer.config import RunOptions, automodel_section, check_model_split, check_supported
 from kubetune_trainer.data import load_splits
 from kubetune_trainer.distributed import init_world, parallelize, shutdown
-from kubetune_trainer.losses import cross_entropy_sum
+from kubetune_trainer.losses import cross_entropy_sum, linear_cross_entropy_sum
 from kubetune_trainer.models import (
     add_lora,
     base_weights_dtype,
@@ -83,7 +83,7 @@ def run(job: ResolvedJob, options: RunOptions) -> Path:
                 model.config.use_cache = False  # type: ignore[union-attr]
                 model.to(world.device)
                 parallel = parallelize(model, world)
-                runner = make_runner(parallel, _loss, world, pad_id(tokenizer), job)
+                runner = make_runner(parallel, _loss, world, pad_id(tokenizer), job, head_loss=_head_loss)
                 engine = Engine(ctx, parallel, runner, splits, pad_id(tokenizer), lora is not None)
                 trainable, total = count_parameters(parallel.module)
                 for warning in splits.warnings:
@@ -107,3 +107,9 @@ def run(job: ResolvedJob, options: RunOptions) -> Path:
 
 def _loss(logits: torch.Tensor, labels: torch.Tensor, inputs: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
     return cross_entropy_sum(logits, labels), {}
+
+
+def _head_loss(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, inputs: dict[str, Any]
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    return linear_cross_entropy_sum(hidden, weight, labels), {}

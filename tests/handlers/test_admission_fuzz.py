@@ -38,7 +38,7 @@ JOBS = references.Resource(
 
 
 class ObjectsKube:
-    """The part of `Kube` validation reads (get_object), answered from a dict of objects."""
+    """The part of `Kube` validation reads (get_reference), answered from a dict of objects."""
 
     def __init__(self, objects: list[Any]) -> None:
         self.objects: dict[tuple[str, str, str], dict[str, Any]] = {}
@@ -54,7 +54,7 @@ class ObjectsKube:
                 key = (PLURALS[kind], str(metadata.get("namespace") or "team-a"), metadata["name"])
                 self.objects[key] = obj
 
-    def get_object(self, plural: str, namespace: str, name: str) -> dict[str, Any] | None:
+    def get_reference(self, plural: str, namespace: str, name: str) -> dict[str, Any] | None:
         return self.objects.get((plural, namespace, name))
 
 

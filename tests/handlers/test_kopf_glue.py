@@ -10,7 +10,7 @@ import pytest
 
 from kubetune.api.resources import CustomizationJobSpec, Source
 from kubetune.handlers.kube import object_path
-from kubetune.handlers.operator import LeanDiffBaseStorage
+from kubetune.handlers.operator import LeanDiffBaseStorage, LeanProgressStorage
 from kubetune.planning.layout import compute_layout
 from kubetune.render.children import JobInput, render_children
 
@@ -47,9 +47,10 @@ BODY: dict[str, Any] = {
 )
 def test_lean_diff_base_is_kopfs_essence(body: dict[str, Any]) -> None:
     raw = cast(kopf.RawBody, body)
-    assert LeanDiffBaseStorage().build(body=kopf.Body(raw)) == kopf.AnnotationsDiffBaseStorage().build(
-        body=kopf.Body(raw)
-    )
+    lean = LeanDiffBaseStorage().build(body=kopf.Body(raw))
+    assert lean == kopf.AnnotationsDiffBaseStorage().build(body=kopf.Body(raw))
+    assert type(lean["spec"]) is dict  # a plain copy, not shared with the body
+    assert lean["spec"] == body["spec"] and lean["spec"] is not body["spec"]
 
 
 def test_extra_fields_fall_back_to_kopfs_way() -> None:
@@ -58,6 +59,28 @@ def test_extra_fields_fall_back_to_kopfs_way() -> None:
     lean = LeanDiffBaseStorage().build(body=kopf.Body(raw), extra_fields=fields)
     assert lean == kopf.AnnotationsDiffBaseStorage().build(body=kopf.Body(raw), extra_fields=fields)
     assert lean["status"] == {"phase": "Pending"}
+
+
+PROGRESS = {
+    "kopf.zalando.org/launch": json.dumps({"started": "2026-12-01T00:00:00", "retries": 1}),
+    "kopf.zalando.org/touch-dummy": "x",
+}
+
+
+@pytest.mark.parametrize(
+    "essence",
+    [
+        {"spec": BODY["spec"], "metadata": {"labels": {"team": "a"}, "annotations": {**PROGRESS, "a": "b"}}},
+        {"spec": BODY["spec"], "metadata": {"annotations": PROGRESS}},
+        {"spec": BODY["spec"], "status": {"kopf": {"progress": {"launch": {"retries": 1}}}, "phase": "Running"}},
+        {"spec": BODY["spec"]},
+    ],
+)
+def test_lean_progress_clear_is_kopfs(essence: dict[str, Any]) -> None:
+    before = json.dumps(essence, sort_keys=True)
+    lean = LeanProgressStorage().clear(essence=cast(kopf.BodyEssence, essence))
+    assert lean == kopf.SmartProgressStorage().clear(essence=cast(kopf.BodyEssence, essence))
+    assert json.dumps(essence, sort_keys=True) == before  # the essence it was given is unchanged
 
 
 @pytest.mark.parametrize(

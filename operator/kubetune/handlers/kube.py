@@ -76,8 +76,27 @@ class Kube:
         self.api_client = api_client or client.ApiClient()
         self.custom = client.CustomObjectsApi(self.api_client)
         self.core = client.CoreV1Api(self.api_client)
+        self.seen: dict[tuple[str, str, str], dict[str, Any]] = {}
+        """The latest Model and FileSet bodies the watch delivered, by (plural, namespace, name)."""
 
     # ------------------------------------------------------------------ kubetune objects
+
+    def remember(self, plural: str, body: dict[str, Any], deleted: bool) -> None:
+        """Keep (or forget) a Model or FileSet the watch delivered; the operator's `nudge`
+        handler sees every event of both kinds, the initial listing included."""
+        meta = body.get("metadata") or {}
+        key = (plural, meta.get("namespace") or "default", meta.get("name") or "")
+        if deleted:
+            self.seen.pop(key, None)
+        else:
+            self.seen[key] = body
+
+    def get_reference(self, plural: str, namespace: str, name: str) -> dict[str, Any] | None:
+        """A Model or FileSet a job names: as last seen on the watch (a burst of jobs naming
+        the same objects reads them from memory, as an informer-based controller does), or
+        read from the API server when the watch has not delivered it (yet)."""
+        cached = self.seen.get((plural, namespace, name))
+        return cached if cached is not None else self.get_object(plural, namespace, name)
 
     def get_object(self, plural: str, namespace: str, name: str) -> dict[str, Any] | None:
         try:

@@ -70,13 +70,13 @@ def _plain(value: Any) -> Any:
 
 
 def catalog_for(kube: Kube, report: JobReport, allowed_host_paths: Sequence[str] = ()) -> Catalog:
-    """The Models and FileSets a (schema-valid) job names, read from the API server."""
+    """The Models and FileSets a (schema-valid) job names, as the operator last saw them."""
     catalog = Catalog(authoritative=True)
     section = report.section
     if section is None:
         return catalog
     for ref in reference_uses(section, report.namespace):
-        obj = kube.get_object(PLURALS[ref.kind], ref.key.namespace, ref.key.name)
+        obj = kube.get_reference(PLURALS[ref.kind], ref.key.namespace, ref.key.name)
         if obj is None:
             continue
         parsed, errors = (validate_model if ref.kind == "Model" else validate_fileset)(obj.get("spec"))

@@ -25,6 +25,13 @@ from kubetune_trainer.progress import read_events
 STEPS = 10
 SPEC = {"schedule": {"max_steps": STEPS}, "batch": {"global_batch_size": 8, "micro_batch_size": 2}}
 TOLERANCE = 1e-4
+"""Per-step losses: every layout's within this of one process."""
+WEIGHT_TOLERANCE = 1e-3
+"""Final weights: a tenth of one AdamW step at the tests' learning rate (1e-2). Adam divides
+each gradient by its own running magnitude, so an element whose gradient is near zero moves
+by up to a whole step on a last-bit difference of the summation order (fused vs looped AdamW,
+a chunked vs a full-logits loss, an MoE router score tie); a layout that trains wrongly
+(a stage, shard or expert not updated, a gradient not reduced) is off by several steps."""
 
 LAYOUTS: dict[str, dict[str, int]] = {
     "tp2": {"num_gpus_per_node": 2, "tensor_parallel_size": 2},
@@ -60,7 +67,7 @@ def result_weights(job: Any, kind: str) -> dict[str, Any]:
 
 def assert_same_weights(a: dict[str, Any], b: dict[str, Any]) -> None:
     assert a.keys() == b.keys()
-    assert max(float((a[k] - b[k]).abs().max()) for k in a) < TOLERANCE
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < WEIGHT_TOLERANCE
 
 
 KINDS = ("lora", "all_weights", "distill")

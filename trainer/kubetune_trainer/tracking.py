@@ -188,6 +188,10 @@ class WandbTracker:
 
     def close(self) -> None:
         self.run.finish(exit_code=0 if self.ended else 1)
+        # `finish` can return before W&B's service process has written the last records to
+        # the run file (seen in offline mode: the file held no history yet); stopping the
+        # service waits for it, before the trainer process exits.
+        importlib.import_module("wandb").teardown()
 
 
 def start_trackers(job: ResolvedJob) -> dict[str, MlflowTracker | WandbTracker]:

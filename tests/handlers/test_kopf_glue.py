@@ -9,7 +9,7 @@ import kopf
 import pytest
 
 from kubetune.api.resources import CustomizationJobSpec, Source
-from kubetune.handlers.kube import object_path
+from kubetune.handlers.kube import Kube, object_path
 from kubetune.handlers.operator import LeanDiffBaseStorage, LeanProgressStorage
 from kubetune.planning.layout import compute_layout
 from kubetune.render.children import JobInput, render_children
@@ -118,3 +118,30 @@ def test_every_child_kind_has_a_path(section: dict[str, Any]) -> None:
     for child in render_children(job):
         name = child["metadata"]["name"]
         assert object_path(child["apiVersion"], child["kind"], "ns", name).endswith(f"/{name}")
+
+
+def test_references_are_read_as_the_watch_last_delivered_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Seen on the watch: no API read; updated by the next event; forgotten when deleted, and
+    read from the API server when never seen (this unit test counts those reads; the e2e
+    tests resolve references against the real API server)."""
+    from kubernetes import client
+
+    kube = Kube(client.ApiClient())
+    reads: list[tuple[str, str, str]] = []
+
+    def api_read(plural: str, namespace: str, name: str) -> dict[str, Any] | None:
+        reads.append((plural, namespace, name))
+        return None
+
+    monkeypatch.setattr(kube, "get_object", api_read)
+    first = {"kind": "Model", "metadata": {"namespace": "ns", "name": "base"}, "spec": {"tokenizer": "a"}}
+    second = {**first, "spec": {"tokenizer": "b"}}
+    kube.remember("models", first, deleted=False)
+    assert kube.get_reference("models", "ns", "base") == first
+    kube.remember("models", second, deleted=False)
+    assert kube.get_reference("models", "ns", "base") == second
+    assert reads == []
+    kube.remember("models", second, deleted=True)
+    assert kube.get_reference("models", "ns", "base") is None
+    assert kube.get_reference("filesets", "ns", "base") is None
+    assert reads == [("models", "ns", "base"), ("filesets", "ns", "base")]

@@ -27,6 +27,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -51,6 +52,7 @@ from kubetune.render.children import JobInput, render_children  # noqa: E402
 GV = ("kubetune.io", "v1alpha1")
 CLIENT_THREADS = 16  # threads that send the burst of job creates
 UID_PLACEHOLDER = "00000000-0000-0000-0000-000000000000"
+SETTLE_SECONDS = 5  # after the burst's last PyTorchJob, before its requests are counted
 
 
 def job(name: str) -> dict[str, Any]:
@@ -186,7 +188,7 @@ def renamed(children: list[dict[str, Any]], created_job: dict[str, Any]) -> list
     return [swap(copy.deepcopy(child)) for child in children]
 
 
-def floor(cp: ControlPlane, count: int, workers: int) -> Row:
+def floor(cp: ControlPlane, count: int, workers: int) -> tuple[Row, Counter[str], Counter[str]]:
     """The burst with this process as a zero-overhead operator (`workers` threads create children)."""
     namespace = f"floor-{count}"
     custom, core = client.CustomObjectsApi(), client.CoreV1Api()
@@ -203,6 +205,7 @@ def floor(cp: ControlPlane, count: int, workers: int) -> Row:
         for child in renamed(template, created_job):
             resources[(child["apiVersion"], child["kind"])].create(body=child, namespace=namespace)
 
+    before = cp.served_requests()
     with ThreadPoolExecutor(max_workers=workers) as children_pool:
         started = time.monotonic()
         latencies = launch(
@@ -214,7 +217,14 @@ def floor(cp: ControlPlane, count: int, workers: int) -> Row:
         wall = time.monotonic() - started
     for future in pending:
         future.result()  # surface a refused create
-    return Row(f"floor, {count} jobs", latencies, wall)
+    return Row(f"floor, {count} jobs", latencies, wall), before, cp.served_requests()
+
+
+def print_requests(label: str, before: Counter[str], after: Counter[str], jobs: int) -> None:
+    """The requests sent during a burst, per job, busiest first."""
+    sent = after - before
+    per_job = ", ".join(f"{key} {count / jobs:.1f}" for key, count in sent.most_common() if count >= jobs / 10)
+    print(f"{label}: {sum(sent.values()) / jobs:.1f} requests per job ({per_job})")
 
 
 def save_profile(pid: int, out: Path, log: Path) -> None:
@@ -262,14 +272,18 @@ def main() -> int:
             for label, count in (("1 job", 1), (f"{args.jobs} jobs at once", args.jobs)):
                 namespace = f"bench-{count}"
                 prepare_namespace(core, custom, namespace)
+                before = cp.served_requests()
                 started = time.monotonic()
                 latencies = launch(namespace, [f"job-{i:04d}" for i in range(count)], custom)
                 rows.append(Row(label, latencies, time.monotonic() - started))
+            time.sleep(SETTLE_SECONDS)  # the status writes that follow the launch
+            burst_requests = (before, cp.served_requests())
             peak = rss.stop()
             if profile:
                 save_profile(operator.process.pid, profile, log)
         if not args.no_floor:
-            rows.append(floor(cp, args.jobs, args.workers))
+            floor_row, *floor_requests = floor(cp, args.jobs, args.workers)
+            rows.append(floor_row)
     print(f"\noperator launch latency (create request -> PyTorchJob seen), real kube-apiserver {cp.bin_dir.name}")
     print(f"{'scenario':<22} {'jobs':>5} {'p50 s':>8} {'p95 s':>8} {'p99 s':>8} {'max s':>8} {'jobs/s':>8}")
     for row in rows:
@@ -282,6 +296,9 @@ def main() -> int:
         burst, base = rows[1], rows[2]
         print(f"p99 / floor: {burst.p(99) / base.p(99):.2f}×  ({args.workers} handler threads, floor as many)")
     print(f"operator peak RSS: {peak / 2**20:.0f} MiB")
+    print_requests(f"operator, {args.jobs} jobs (+{SETTLE_SECONDS} s)", *burst_requests, args.jobs)
+    if not args.no_floor:
+        print_requests("floor", *floor_requests, args.jobs)
     return 0
 
 

@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -26,6 +27,8 @@ from pathlib import Path
 
 from .certs import Certs, generate_certs
 from .procs import ControlPlaneError, Process, free_port, log_tails, serve_until_interrupted, wait_http
+
+_REQUEST_SAMPLE = re.compile(r"^apiserver_request_total\{(?P<labels>[^}]*)\} (?P<value>\S+)$")
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BUILD_HINT = (
@@ -93,6 +96,21 @@ class ControlPlane:
         """Run helm against this cluster (admin kubeconfig); never raises."""
         argv = [str(self.bin_dir / "helm"), f"--kubeconfig={self.kubeconfig}", *args]
         return subprocess.run(argv, capture_output=True, text=True, check=False, timeout=timeout)
+
+    def served_requests(self) -> Counter[str]:
+        """Requests the API server has served since it started, by "VERB resource[/subresource]"
+        (its own `apiserver_request_total`; watches and discovery left out)."""
+        counts: Counter[str] = Counter()
+        for line in self.kubectl("get", "--raw", "/metrics", check=True).stdout.splitlines():
+            sample = _REQUEST_SAMPLE.match(line)
+            if sample is None:
+                continue
+            labels = dict(re.findall(r'(\w+)="([^"]*)"', sample["labels"]))
+            if labels.get("verb") == "WATCH" or not labels.get("resource"):
+                continue
+            subresource = f"/{labels['subresource']}" if labels.get("subresource") else ""
+            counts[f"{labels.get('verb')} {labels.get('resource')}{subresource}"] += int(float(sample["value"]))
+        return counts
 
     def user_kubectl(
         self, *args: str, stdin: str | None = None, timeout: float = 60.0

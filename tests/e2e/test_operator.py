@@ -171,6 +171,24 @@ def test_automodel_job_launches_a_pytorchjob(control_plane: ControlPlane, operat
     assert "automodel" in header and "Pending" in header
 
 
+def test_a_launch_writes_its_status_once_and_reads_no_pods(
+    control_plane: ControlPlane, operator: OperatorProcess, refs: str
+) -> None:
+    """A new workload's watch event finds nothing to add (the launch said it already), and no
+    pods are listed for a workload no controller has picked up: a burst of launches costs the
+    API server only what the launch needs."""
+    before = control_plane.served_requests()
+    apply(control_plane, refs, automodel_job("lean"))
+    status = wait_phase(control_plane, refs, "lean", "Pending")
+    running = conditions(status)["Running"]
+    assert (running["status"], running["reason"]) == ("False", "WaitingForPods")
+    time.sleep(3)  # the PyTorchJob's own watch event reaches the operator meanwhile
+    sent = control_plane.served_requests() - before
+    assert sent["PATCH customizationjobs/status"] == 1, sent
+    assert sent["LIST pods"] == 0 and sent["GET pytorchjobs"] == 0, sent
+    assert sent["POST pytorchjobs"] == 1, sent
+
+
 def test_unsloth_job_launches_a_batch_job(control_plane: ControlPlane, operator: OperatorProcess, refs: str) -> None:
     apply(control_plane, refs, unsloth_job("qlora"))
     wait_phase(control_plane, refs, "qlora", "Pending")

@@ -31,6 +31,7 @@ from kubetune.handlers.events import announce_phase
 from kubetune.handlers.kube import PLURALS, Kube, load_config
 from kubetune.handlers.peering import choose_peering
 from kubetune.handlers.reconcile import (
+    WORKLOADS,
     Operator,
     follow,
     launch,
@@ -44,12 +45,14 @@ from kubetune.planning.lifecycle import condition, merge_conditions
 from kubetune.planning.references import ObjectKey, cluster_source_problem
 from kubetune.planning.rules import IMMUTABLE_MESSAGE, backend_changed
 from kubetune.planning.validation import validate_fileset, validate_model
+from kubetune.render.children import ChildNames
 
 log = logging.getLogger(__name__)
 
 JOBS = (API_GROUP, API_VERSION, "customizationjobs")
 MANAGED = {"app.kubernetes.io/managed-by": "kubetune"}
 RESYNC_SECONDS = 30.0
+WORKLOAD_KINDS = {kind for _, kind in WORKLOADS.values()}
 
 
 class LeanDiffBaseStorage(kopf.AnnotationsDiffBaseStorage):
@@ -131,10 +134,13 @@ def register(registry: kopf.OperatorRegistry, config: OperatorSettings) -> None:
         namespace = body.metadata.namespace
         if not job_name or not namespace:
             return
+        is_workload = body.get("kind") in WORKLOAD_KINDS and body.metadata.name == ChildNames(job_name).workload
+        if is_workload and not body.get("status"):
+            return  # just created, no controller has looked at it: the launch said so already
         op = _op(memo)
         job = op.kube.get_object("customizationjobs", namespace, job_name)
         if job is not None:
-            follow(op, job)
+            follow(op, job, seen=body)
 
     for resource in (("kubeflow.org", "v1", "pytorchjobs"), ("batch", "v1", "jobs"), ("", "v1", "pods")):
         kopf.on.event(*resource, registry=registry, labels=MANAGED, id="follow")(child_changed)

@@ -200,6 +200,10 @@ def launch(op: Operator, body: Mapping[str, Any]) -> CustomizationJobStatus:
             "spec.suspend is true" if report.spec.suspend else "spec.suspend is false",
         ),
     ]
+    if phase == "Pending" and status.get("phase") in (None, "Created"):
+        # What `follow` says of a workload no controller has picked up yet: said here, in the
+        # launch's own status write, follow's first look at the new workload has nothing to add.
+        new_conditions += _status_for(workload_state(backend, None, []), {}).conditions or []
     memory_warnings = [w for w in report.warnings if w.reason == "MemoryTight"]
     if memory is not None and memory.verdict is not None:
         fits = not memory_warnings
@@ -250,8 +254,20 @@ def _sync_suspend(op: Operator, job: JobInput) -> None:
         op.kube.merge_patch("batch/v1", "Job", job.namespace, workload, {"spec": {"suspend": job.spec.suspend}})
 
 
-def follow(op: Operator, job: Mapping[str, Any]) -> None:
-    """Copy the workload's real state into the job's status (and record the output on success)."""
+WORKLOADS = {"automodel": ("kubeflow.org/v1", "PyTorchJob"), "unsloth": ("batch/v1", "Job")}
+"""The child that runs a backend's training: (apiVersion, kind)."""
+
+
+def workload_state(backend: str | None, workload_status: Mapping[str, Any] | None, pods: Sequence[Any]) -> ChildState:
+    """The phase a backend's workload is in, from its status and its pods."""
+    if backend == "automodel":
+        return pytorchjob_state(workload_status, pods)
+    return batch_job_state(workload_status, pods)
+
+
+def follow(op: Operator, job: Mapping[str, Any], seen: Mapping[str, Any] | None = None) -> None:
+    """Copy the workload's real state into the job's status (and record the output on success).
+    `seen`: the child whose watch event called this, used as it is when it is the workload."""
     meta = job["metadata"]
     name, namespace, uid = meta["name"], meta.get("namespace", "default"), meta["uid"]
     status = job.get("status") or {}
@@ -260,16 +276,19 @@ def follow(op: Operator, job: Mapping[str, Any]) -> None:
     if meta.get("deletionTimestamp"):
         return  # being deleted: the cancel handler records Cancelled; never race it
     spec = CustomizationJobSpec.model_validate(manifest_of(job)["spec"])
+    api_version, kind = WORKLOADS[spec.backend or "automodel"]
     workload = ChildNames(name).workload
-    pods = op.kube.list_pods(namespace, name)
-    if spec.backend == "automodel":
-        child = op.kube.get("kubeflow.org/v1", "PyTorchJob", namespace, workload)
-        state = pytorchjob_state((child or {}).get("status"), pods)
+    seen_meta = (seen or {}).get("metadata") or {}
+    if seen is not None and seen.get("kind") == kind and seen_meta.get("name") == workload:
+        child: Mapping[str, Any] | None = seen
     else:
-        child = op.kube.get("batch/v1", "Job", namespace, workload)
-        state = batch_job_state((child or {}).get("status"), pods)
+        child = op.kube.get(api_version, kind, namespace, workload)
     if child is None:
         return  # launch recreates it
+    # Its controller creates the pods and then writes the status (which calls this again):
+    # no status yet, no pods to list (a burst of launches would list each job's pods for nothing).
+    pods = op.kube.list_pods(namespace, name) if child.get("status") else []
+    state = workload_state(spec.backend, child.get("status"), pods)
     if spec.suspend and state.phase not in TERMINAL_PHASES:
         state = ChildState("Suspended", "Suspended", "suspended (spec.suspend: true)")
     new = _status_for(state, status)

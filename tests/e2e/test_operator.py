@@ -423,6 +423,27 @@ def test_a_killed_operator_creates_no_duplicates(
         operator.start()
 
 
+def test_more_waiting_jobs_than_kopf_workers_all_start_when_their_model_appears(
+    control_plane: ControlPlane, operator: OperatorProcess, namespace: str, tmp_path: Path
+) -> None:
+    """An operator that starts with more jobs than kopf workers (KUBETUNE_WORKERS=1: 4 workers)
+    resumes every one, and the Model they wait for nudges them all (the re-check timer is
+    set out of reach, so the nudge is what starts them)."""
+    names = [f"late-{i}" for i in range(10)]
+    operator.kill()
+    try:
+        apply(control_plane, namespace, fileset("train"), *(automodel_job(name) for name in names))
+        env = {"KUBETUNE_WORKERS": "1", "KUBETUNE_REFERENCE_RETRY_SECONDS": "3600"}
+        with operator_process(control_plane, tmp_path / "few-workers.log", **env):
+            for name in names:
+                wait_phase(control_plane, namespace, name, "Created", timeout=60)
+            apply(control_plane, namespace, model("base"))
+            for name in names:
+                wait_phase(control_plane, namespace, name, "Pending", timeout=60)
+    finally:
+        operator.start()
+
+
 def test_metrics(control_plane: ControlPlane, operator: OperatorProcess, refs: str) -> None:
     apply(control_plane, refs, automodel_job("measured"))
     wait_phase(control_plane, refs, "measured", "Pending")

@@ -3,7 +3,7 @@
 - CustomizationJob created / resumed / changed -> `launch` (validate, resolve, create
   children, sync suspend); a timer retries jobs that wait for a Model/FileSet.
 - PyTorchJob / batch Job / pod of a job changed -> `follow` (phase, conditions, output).
-- Model / FileSet added -> nudge the jobs that wait for it (a kopf index maps each
+- Model / FileSet added -> nudge the jobs that wait for it (`waiting.py` maps each
   Model/FileSet to the jobs waiting for it, so no event lists every job).
 - CustomizationJob deleted -> record `Cancelled` (kopf's finalizer holds the deletion until
   then); the children go by garbage collection (owner references).
@@ -38,7 +38,6 @@ from kubetune.handlers.reconcile import (
     manifest_of,
     nudge_waiting_jobs,
     validate_with_references,
-    waited_references,
 )
 from kubetune.handlers.settings import OperatorSettings, settings_from_env
 from kubetune.planning.lifecycle import condition, merge_conditions
@@ -52,6 +51,7 @@ log = logging.getLogger(__name__)
 JOBS = (API_GROUP, API_VERSION, "customizationjobs")
 MANAGED = {"app.kubernetes.io/managed-by": "kubetune"}
 RESYNC_SECONDS = 30.0
+KOPF_WORKERS_PER_THREAD = 4
 WORKLOAD_KINDS = {kind for _, kind in WORKLOADS.values()}
 
 
@@ -162,28 +162,21 @@ def register(registry: kopf.OperatorRegistry, config: OperatorSettings) -> None:
         *JOBS, registry=registry, id="resync", interval=RESYNC_SECONDS, initial_delay=RESYNC_SECONDS, when=unfinished
     )(resync)
 
-    def waiting_jobs(body: kopf.Body, **_: Any) -> dict[ObjectKey, tuple[str, str]]:
-        return waited_references(body)
-
-    def not_launched(status: Mapping[str, Any], **_: Any) -> bool:
-        return status.get("phase") in (None, "Created")  # kopf drops a job from the index once launched
-
-    kopf.index(*JOBS, registry=registry, id="waiting_jobs", when=not_launched)(waiting_jobs)
-
-    def reference_added(body: kopf.Body, event: Mapping[str, Any], memo: kopf.Memo, **kwargs: Any) -> None:
-        waiting_jobs: kopf.Index[ObjectKey, tuple[str, str]] = kwargs["waiting_jobs"]  # kopf passes indices by id
+    def reference_added(body: kopf.Body, event: Mapping[str, Any], memo: kopf.Memo, **_: Any) -> None:
+        op = _op(memo)
         plural = PLURALS.get(str(body.get("kind")), "")
         # First remember it, then nudge: the nudged jobs read their references from memory.
-        _op(memo).kube.remember(plural, dict(body), deleted=event.get("type") == "DELETED")
+        op.kube.remember(plural, dict(body), deleted=event.get("type") == "DELETED")
         if event.get("type") in ("ADDED", "MODIFIED", None):
             key = ObjectKey(str(body.get("kind")), body.metadata.namespace or "default", body.metadata.name or "")  # type: ignore[arg-type]
-            nudge_waiting_jobs(_op(memo), waiting_jobs.get(key, []))
+            nudge_waiting_jobs(op, op.waiting.waiting_for(key))
 
     for plural in ("models", "filesets"):
         kopf.on.event(API_GROUP, API_VERSION, plural, registry=registry, id="nudge")(reference_added)
 
     def cancelled(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
         status = body.get("status") or {}
+        _op(memo).waiting.done((body.metadata.namespace or "default", body.metadata.name or ""))
         metrics.PHASES.forget(body.metadata.uid or "")
         if status.get("phase") in TERMINAL_PHASES:
             return
@@ -242,11 +235,10 @@ def register(registry: kopf.OperatorRegistry, config: OperatorSettings) -> None:
         settings.watching.server_timeout = 300
         settings.peering.lifetime = config.peering_lifetime_seconds
         settings.execution.max_workers = config.workers
-        # No `queueing.worker_limit`: kopf's handlers wait until the job index has seen every
-        # listed job, and with fewer workers than jobs at startup the workers holding the
-        # first jobs wait for an index that the others never get a worker to fill (seen: an
-        # operator pod restarted during a burst of 50 jobs launched none of them). An idle
-        # worker leaves after 1 s instead of 5 s, which keeps a burst's memory down.
+        # A burst's memory is what kopf's workers hold (each job's body, diff and patch while
+        # it waits for a handler thread): a few workers per handler thread keep them all busy.
+        # An idle worker leaves after 1 s instead of 5 s.
+        settings.queueing.worker_limit = KOPF_WORKERS_PER_THREAD * config.workers
         settings.batching.idle_timeout = 1.0
         if config.webhook:
             settings.admission.server = kopf.WebhookServer(

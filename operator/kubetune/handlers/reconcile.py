@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -31,10 +31,11 @@ from kubetune.handlers.events import announce_phase
 from kubetune.handlers.kube import Kube
 from kubetune.handlers.metrics import LAUNCH_LATENCY, PHASES, VALIDATION_FAILURES
 from kubetune.handlers.settings import OperatorSettings
+from kubetune.handlers.waiting import WaitingJobs
 from kubetune.planning.lifecycle import ChildState, batch_job_state, condition, merge_conditions, pytorchjob_state
 from kubetune.planning.memory import estimate_from_resolved
 from kubetune.planning.memory_check import check_memory, memory_report
-from kubetune.planning.references import Catalog, ObjectKey, cluster_source_problem, reference_uses
+from kubetune.planning.references import Catalog, cluster_source_problem, reference_uses
 from kubetune.planning.resolved import base_model_reference, output_model_details, output_name, output_type
 from kubetune.planning.validation import JobReport, validate_fileset, validate_job, validate_model
 from kubetune.render.children import ChildNames, JobInput, render_children
@@ -48,6 +49,7 @@ PLURALS = {"Model": "models", "FileSet": "filesets"}
 class Operator:
     kube: Kube
     settings: OperatorSettings
+    waiting: WaitingJobs = field(default_factory=WaitingJobs)
 
 
 def manifest_of(body: Mapping[str, Any]) -> dict[str, Any]:
@@ -126,6 +128,7 @@ def launch(op: Operator, body: Mapping[str, Any]) -> CustomizationJobStatus:
     meta = body["metadata"]
     name, namespace, uid = meta["name"], meta.get("namespace", "default"), meta["uid"]
     status = dict(body.get("status") or {})
+    op.waiting.done((namespace, name))  # until it is found waiting again, below
     if status.get("phase") in TERMINAL_PHASES:
         return CustomizationJobStatus()  # a finished job is never relaunched
     report, memory = validate_with_references(
@@ -156,6 +159,7 @@ def launch(op: Operator, body: Mapping[str, Any]) -> CustomizationJobStatus:
             for ref in report.references.missing
         )
         # The job waits: a timer re-checks Created jobs, and a new Model/FileSet nudges them.
+        op.waiting.wait((namespace, name), (ref.key for ref in report.references.missing))
         PHASES.set(uid, "Created", backend or "unknown")
         return CustomizationJobStatus(
             phase="Created",
@@ -360,20 +364,6 @@ def record_output(op: Operator, job: Mapping[str, Any], spec: CustomizationJobSp
     # Not owned by the job: the trained model outlives it.
     op.kube.create_if_absent(model)
     return OutputStatus(name=result_name, type=kind, path=path)
-
-
-def waited_references(body: Mapping[str, Any]) -> dict[ObjectKey, tuple[str, str]]:
-    """For kopf's index of jobs not launched yet: each Model/FileSet the job names -> the job.
-
-    So that a new Model or FileSet nudges exactly the jobs that wait for it, without listing
-    (and validating) every job of the cluster on each Model/FileSet event.
-    """
-    manifest = manifest_of(body)
-    section = validate_job(manifest).section
-    if section is None:
-        return {}
-    job = (manifest["metadata"]["namespace"], manifest["metadata"]["name"])
-    return {use.key: job for use in reference_uses(section, job[0])}
 
 
 def nudge_waiting_jobs(op: Operator, jobs: Iterable[tuple[str, str]]) -> int:

@@ -59,21 +59,8 @@ BUSYBOX = Path("/bin/busybox")  # Debian's busybox-static
 # /etc/config/initContainer.yaml): upstream's, except that success is an answer in any
 # search domain. Busybox 1.35's nslookup exits 1 when one search domain has no answer even
 # after another had it (upstream's alpine 3.10 did not); its shell runs its own applets.
-INIT_CONTAINER_TEMPLATE = """\
-- name: init-pytorch
-  image: {{.InitContainerImage}}
-  imagePullPolicy: IfNotPresent
-  resources:
-    limits: {cpu: 100m, memory: 20Mi}
-    requests: {cpu: 50m, memory: 10Mi}
-  command:
-  - sh
-  - -c
-  - >-
-    err=1; for i in $(seq {{.MaxTries}}); do
-    if nslookup {{.MasterAddr}} | grep -q "^Name:"; then err=0 && break; fi;
-    echo waiting for master; sleep 2; done; exit $err
-"""
+INIT_CONTAINER_TEMPLATE = REPO_ROOT / "docs" / "training-operator-init-container.yaml"
+"""The worker init container's template, as docs/security-and-names.md gives it to cluster admins."""
 
 
 def node_images(node_bin: Path, out_dir: Path) -> dict[str, Image]:
@@ -297,7 +284,7 @@ def install_training_operator(cp: ControlPlane, node_bin: Path, workdir: Path, i
     overlay = base / "kubetune"
     overlay.mkdir()
     repository, tag = image.rsplit(":", 1)
-    (overlay / "initContainer.yaml").write_text(INIT_CONTAINER_TEMPLATE)
+    (overlay / "initContainer.yaml").write_text(INIT_CONTAINER_TEMPLATE.read_text())
     (overlay / "kustomization.yaml").write_text(
         yaml.safe_dump(
             {

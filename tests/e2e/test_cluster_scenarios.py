@@ -45,8 +45,11 @@ def _layout(num_nodes: int, gpus: int = 1) -> dict[str, object]:
 
 def test_a_two_node_job_rendezvous_and_matches_one_process(cluster: Cluster, cluster_namespace: str) -> None:
     """Master + Worker pods meet through the training-operator's Service and variables; data
-    parallel over two pods gives the one-process run's loss at every step."""
+    parallel over two pods gives the one-process run's loss at every step. In a namespace that
+    enforces Pod Security `restricted`: the Worker's init container (the training-operator's,
+    from docs/training-operator-init-container.yaml) is admitted too."""
     ns = cluster_namespace
+    cluster.kubectl("label", "namespace", ns, "pod-security.kubernetes.io/enforce=restricted", check=True)
     stage_inputs(cluster, ns)
     apply_objects(
         cluster,
@@ -61,6 +64,7 @@ def test_a_two_node_job_rendezvous_and_matches_one_process(cluster: Cluster, clu
         assert job["status"]["phase"] == "Completed", f"{name}: {job['status']}\n{diagnostics(cluster, ns)}"
     pods = {p["metadata"]["name"]: p for p in trainer_pods(cluster, ns, "two")}
     assert set(pods) == {"two-train-master-0", "two-train-worker-0"}
+    assert [c["name"] for c in pods["two-train-worker-0"]["spec"]["initContainers"]] == ["init-pytorch"]
     for pod in pods.values():
         assert pod["status"]["phase"] == "Succeeded", pod["status"]
         env = {e["name"]: e.get("value") for e in pod["spec"]["containers"][0]["env"]}

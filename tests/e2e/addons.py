@@ -56,9 +56,9 @@ def wait_rollout(cp: ControlPlane, namespace: str, deployment: str, timeout_s: f
 
 BUSYBOX = Path("/bin/busybox")  # Debian's busybox-static
 # The worker init container's template (the training-operator reads it from
-# /etc/config/initContainer.yaml): upstream's, except that success is an answer in any
-# search domain. Busybox 1.35's nslookup exits 1 when one search domain has no answer even
-# after another had it (upstream's alpine 3.10 did not); its shell runs its own applets.
+# /etc/config/initContainer.yaml): upstream's, plus the securityContext that Pod Security
+# `restricted` requires, and success is an answer in any search domain (busybox 1.35's
+# nslookup exits 1 when one search domain has no answer even after another had it).
 INIT_CONTAINER_TEMPLATE = REPO_ROOT / "docs" / "training-operator-init-container.yaml"
 """The worker init container's template, as docs/security-and-names.md gives it to cluster admins."""
 

@@ -46,6 +46,9 @@ CONTROLLERS = (
     "root-ca-certificate-publisher-controller",
     # Merges ClusterRoles labelled aggregate-to-edit/-view into the built-in user roles.
     "clusterrole-aggregation-controller",
+    # Lifts the pvc-protection finalizer of claims no pod uses: without it a deleted namespace
+    # that held a job's output claim stays Terminating, and its controller keeps retrying.
+    "persistentvolumeclaim-protection-controller",
 )
 ADMIN_USER = "e2e-admin"
 UNPRIVILEGED_USER = "e2e-user"

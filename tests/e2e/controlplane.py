@@ -53,6 +53,26 @@ CONTROLLERS = (
 ADMIN_USER = "e2e-admin"
 UNPRIVILEGED_USER = "e2e-user"
 START_TIMEOUT_S = 120.0
+AUDIT_LOG = "audit.log"
+# Only what the request-counting tests read: the resources an operator touches per job. Audit
+# events carry the namespace and client, so a test counts its own job's requests whatever
+# other tests' jobs are doing at the same time (the API server's metrics are global).
+AUDIT_POLICY = {
+    "apiVersion": "audit.k8s.io/v1",
+    "kind": "Policy",
+    "omitStages": ["RequestReceived", "ResponseStarted"],
+    "rules": [
+        {
+            "level": "Metadata",
+            "resources": [
+                {"group": "kubetune.io", "resources": ["customizationjobs", "customizationjobs/status"]},
+                {"group": "kubeflow.org", "resources": ["pytorchjobs"]},
+                {"group": "", "resources": ["pods"]},
+            ],
+        },
+        {"level": "None"},
+    ],
+}
 
 
 @dataclass(frozen=True)
@@ -113,6 +133,20 @@ class ControlPlane:
                 continue
             subresource = f"/{labels['subresource']}" if labels.get("subresource") else ""
             counts[f"{labels.get('verb')} {labels.get('resource')}{subresource}"] += int(float(sample["value"]))
+        return counts
+
+    def namespace_requests(self, namespace: str) -> Counter[str]:
+        """Completed requests for custom jobs, PyTorchJobs and pods in one namespace, by
+        "verb resource[/subresource]" (lower-case verbs, as the audit log writes them)."""
+        counts: Counter[str] = Counter()
+        log = self.workdir / AUDIT_LOG
+        for line in log.read_text().splitlines() if log.exists() else []:
+            event = json.loads(line)
+            ref = event.get("objectRef") or {}
+            if event.get("stage") != "ResponseComplete" or ref.get("namespace") != namespace:
+                continue
+            subresource = f"/{ref['subresource']}" if ref.get("subresource") else ""
+            counts[f"{event['verb']} {ref.get('resource')}{subresource}"] += 1
         return counts
 
     def user_kubectl(
@@ -212,6 +246,8 @@ def _start_apiserver(
 ) -> tuple[str, Process]:
     port = free_port()
     server = f"https://127.0.0.1:{port}"
+    audit_policy = workdir / "audit-policy.json"
+    audit_policy.write_text(json.dumps(AUDIT_POLICY, indent=2) + "\n")
     if pod_network is None:
         address = [
             "--bind-address=127.0.0.1",
@@ -248,6 +284,10 @@ def _start_apiserver(
                 f"--token-auth-file={certs.token_file}",
                 "--allow-privileged=true",
                 "--profiling=false",
+                f"--audit-policy-file={audit_policy}",
+                f"--audit-log-path={workdir / AUDIT_LOG}",
+                "--audit-log-format=json",
+                "--audit-log-maxbackup=0",
             ],
             workdir,
         )

@@ -17,6 +17,7 @@ from kubetune.planning.resolved import ResolvedJob
 from kubetune_trainer.checkpoint import EXIT_PREEMPTED, Preempted
 from kubetune_trainer.config import ConfigError, RunOptions, load_job
 from kubetune_trainer.data import DataError
+from kubetune_trainer.host_memory import reuse_freed_memory
 from kubetune_trainer.models import ModelError
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
@@ -24,6 +25,7 @@ EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
 
 def run_job(job: ResolvedJob, options: RunOptions) -> Path:
     """Run a resolved job in this process (one rank of it under torchrun)."""
+    reuse_freed_memory()
     if job.backend == "automodel":
         from kubetune_trainer import automodel
 

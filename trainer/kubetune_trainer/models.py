@@ -106,6 +106,8 @@ def add_lora(model: nn.Module, rank: int, alpha: int, target_modules: list[str] 
     """Wrap with a peft LoRA adapter; null target_modules = every linear layer but the head."""
     from peft import LoraConfig, get_peft_model
 
+    from kubetune_trainer.lora_linear import register_lean_linear
+
     config = LoraConfig(
         r=rank,
         lora_alpha=alpha,
@@ -113,6 +115,7 @@ def add_lora(model: nn.Module, rank: int, alpha: int, target_modules: list[str] 
         target_modules=target_modules if target_modules else linear_layer_names(model),
         task_type="CAUSAL_LM",
     )
+    register_lean_linear(config)
     try:
         wrapped: nn.Module = get_peft_model(model, config)
     except ValueError as error:  # e.g. a target_modules pattern that matches nothing

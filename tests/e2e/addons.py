@@ -18,7 +18,7 @@ import yaml
 
 from .controlplane import REPO_ROOT, ClusterNetwork, ControlPlane
 from .images import Image, static_image_archive
-from .node import SANDBOX_IMAGE, Node
+from .node import SANDBOX_IMAGE
 from .procs import ControlPlaneError
 
 COREDNS_VERSION = "v1.14.7"  # keep in step with tools/node/build.sh
@@ -388,11 +388,6 @@ def wait_for(predicate: Any, timeout_s: float, what: str, interval_s: float = 1.
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
         time.sleep(interval_s)
-
-
-def import_all(node: Node, images: dict[str, Image]) -> None:
-    for image in images.values():
-        node.import_image(image)
 
 
 def stage_examples(cp: ControlPlane, namespace: str = "default") -> None:

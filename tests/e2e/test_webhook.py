@@ -49,9 +49,8 @@ def _apply(cp: ControlPlane, namespace: str, obj: dict[str, object]) -> tuple[in
     return result.returncode, result.stdout + result.stderr
 
 
-def test_webhook_refuses_a_tokenizer_mismatch_at_apply(
-    control_plane: ControlPlane, webhook_operator: OperatorProcess, namespace: str
-) -> None:
+@pytest.mark.usefixtures("webhook_operator")
+def test_webhook_refuses_a_tokenizer_mismatch_at_apply(control_plane: ControlPlane, namespace: str) -> None:
     for obj in (model("base", tokenizer="llama3"), model("teacher", tokenizer="qwen3"), fileset("train")):
         assert _apply(control_plane, namespace, obj)[0] == 0
     job = automodel_job("distill", training={"training_type": "distillation", "teacher_model": "teacher"})
@@ -61,17 +60,15 @@ def test_webhook_refuses_a_tokenizer_mismatch_at_apply(
     assert get_json(control_plane, "ctj", "distill", "-n", namespace) is None
 
 
-def test_webhook_warns_about_missing_references(
-    control_plane: ControlPlane, webhook_operator: OperatorProcess, namespace: str
-) -> None:
+@pytest.mark.usefixtures("webhook_operator")
+def test_webhook_warns_about_missing_references(control_plane: ControlPlane, namespace: str) -> None:
     code, output = _apply(control_plane, namespace, automodel_job("early"))
     assert code == 0, output
     assert "Warning: spec.automodel.model: Model " + namespace + "/base was not found" in output
 
 
-def test_webhook_refuses_a_model_on_a_host_path_not_allowed(
-    control_plane: ControlPlane, webhook_operator: OperatorProcess, namespace: str
-) -> None:
+@pytest.mark.usefixtures("webhook_operator")
+def test_webhook_refuses_a_model_on_a_host_path_not_allowed(control_plane: ControlPlane, namespace: str) -> None:
     """Refused at `kubectl apply` of the Model or FileSet itself. A job naming one stored before
     the setting changed is refused at its own admission (tests/handlers/test_admission_fuzz.py)
     and when the operator launches it (tests/e2e/test_operator.py)."""

@@ -119,7 +119,7 @@ def in_cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "token").write_text("t")
     (tmp_path / "ca.crt").write_text("")
     monkeypatch.setattr(kube_status, "SERVICE_ACCOUNT", tmp_path)
-    monkeypatch.setattr(kube_status.ssl, "create_default_context", lambda cafile=None: None)
+    monkeypatch.setattr(kube_status.ssl, "create_default_context", lambda **_: None)
     for key, value in {
         "KUBETUNE_PROGRESS": "kubernetes",
         "KUBETUNE_JOB_NAMESPACE": "ns",

@@ -31,8 +31,6 @@ from kubetune_trainer.progress import read_events
 from kubetune_trainer.unsloth_backend import settings
 from kubetune_trainer.unsloth_backend.dataset import load_sft_data, to_sample
 
-REPO = Path(__file__).resolve().parents[2]
-
 BASE: dict[str, Any] = {
     "model": {"name": "tiny", "max_seq_length": 64, "load_in_4bit": False, "dtype": "float32"},
     "dataset": {"path": "train"},

@@ -138,7 +138,7 @@ class Preemption:
         self.requested = False
         self.previous: dict[int, Callable[[int, FrameType | None], Any] | int | None] = {}
 
-    def _handle(self, signum: int, frame: FrameType | None) -> None:
+    def _handle(self, signum: int, _frame: FrameType | None) -> None:
         if signum == signal.SIGINT and self.requested:
             raise KeyboardInterrupt
         self.requested = True

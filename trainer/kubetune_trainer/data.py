@@ -396,7 +396,6 @@ class Splits:
     train: list[Example]
     validation: list[Example]
     train_samples: list[Sample]
-    validation_samples: list[Sample]
     warnings: list[str] = field(default_factory=list)
 
 
@@ -437,7 +436,6 @@ def load_splits(
         train.examples,
         val.examples,
         train_samples,
-        val_samples,
         [f"training: {w}" for w in train.warnings] + [f"validation: {w}" for w in val.warnings],
     )
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol, TextIO
 
@@ -261,7 +261,3 @@ class Throughput:
         if not self.samples:
             return None
         return steps_left * sum(s for s, _ in self.samples) / len(self.samples)
-
-
-def with_checkpoint(event: ProgressEvent, path: str) -> ProgressEvent:
-    return replace(event, kind="checkpoint", checkpoint_path=path, time=time.time())

@@ -131,17 +131,6 @@ class Kube:
                 {"metadata": {"annotations": annotations}},
             )
 
-    def list_jobs(self, namespace: str | None = None) -> list[dict[str, Any]]:
-        with api_errors("listing CustomizationJobs"):
-            if namespace:
-                result = self.custom.list_namespaced_custom_object(
-                    API_GROUP, API_VERSION, namespace, "customizationjobs"
-                )
-            else:
-                result = self.custom.list_cluster_custom_object(API_GROUP, API_VERSION, "customizationjobs")
-        items: list[dict[str, Any]] = result.get("items", [])
-        return items
-
     # ------------------------------------------------------------------ children
 
     def _call(self, method: str, path: str, body: dict[str, Any] | None = None, content_type: str | None = None) -> Any:

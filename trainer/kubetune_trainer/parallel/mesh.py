@@ -128,14 +128,6 @@ class ParallelMesh:
         """Which data shard this rank trains on (its dp coordinate)."""
         return self.coordinate("dp")
 
-    @property
-    def is_last_stage(self) -> bool:
-        return self.coordinate("pp") == self.dims.pp - 1
-
-    @property
-    def is_first_stage(self) -> bool:
-        return self.coordinate("pp") == 0
-
     def submesh(self, *dims: Dim) -> DeviceMesh | None:
         """The mesh of these dimensions through this rank (flattened when several); None if size 1."""
         if self.device_mesh is None or all(self.dims.size(d) == 1 for d in dims):

@@ -45,7 +45,6 @@ class SftData:
     """datasets.Dataset with input_ids and labels."""
     validation: Any | None
     train_samples: list[Sample]
-    validation_samples: list[Sample]
     held_out: bool
     """True when validation rows were split off the training set (no validation FileSet)."""
     warnings: list[str] = field(default_factory=list)
@@ -120,7 +119,6 @@ def load_sft_data(section: UnslothSpec, training: str, validation: str | None, t
         as_dataset(train.examples),
         as_dataset(val.examples) if val.examples else None,
         train_samples,
-        val_samples,
         held_out,
         warnings,
     )

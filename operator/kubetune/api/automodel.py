@@ -1,6 +1,7 @@
 """The `automodel` backend section: NeMo Customizer's Automodel job configuration.
 
-Field names, defaults and enums follow the seed's tables exactly. Cross-field rules (the
+Field names, defaults and enums are NeMo Customizer's, exactly (`kubetune schema automodel`
+lists them; tests/api/test_defaults.py holds every default). Cross-field rules (the
 GPU layout, distillation needs a teacher, ...) live in `kubetune.planning.rules`, where
 each is declared once for both the Python validator and the CRD's CEL.
 """

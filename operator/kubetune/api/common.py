@@ -34,8 +34,9 @@ DNS1035_LABEL_PATTERN = r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$"
 REFERENCE_PATTERN = rf"^({_LABEL}/)?{_PART}(\.{_PART})*$"
 GPU_LIST_PATTERN = r"^[0-9]+(,[0-9]+)*$"
 
-# Bounds that keep the API server's CEL cost estimate low (DESIGN.md: give strings a
-# maxLength and lists a maxItems) and that no real job comes near.
+# Bounds that keep the API server's CEL cost estimate low (it charges a rule by the longest
+# string and list it may see: every string gets a maxLength, every list a maxItems) and that
+# no real job comes near.
 MAX_NAME_LENGTH = 63
 MAX_SUBDOMAIN_LENGTH = 253
 MAX_REFERENCE_LENGTH = MAX_NAME_LENGTH + 1 + MAX_SUBDOMAIN_LENGTH

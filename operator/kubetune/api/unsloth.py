@@ -1,7 +1,8 @@
 """The `unsloth` backend section: NeMo Customizer's Unsloth job configuration.
 
 Single GPU, SFT only, LoRA or full weights, optional 4-bit/8-bit quantized loading.
-Field names, defaults and enums follow the seed's tables exactly; cross-field rules live
+Field names, defaults and enums are NeMo Customizer's, exactly (`kubetune schema unsloth`;
+tests/api/test_defaults.py); cross-field rules live
 in `kubetune.planning.rules`.
 """
 

@@ -60,7 +60,8 @@ Formula (P = numParameters, W = world size = DP × TP × PP × CP, bytes per GiB
 The verdict against the cluster's GPU size (fits / tight / cannot fit, with what to
 change) is in `kubetune.planning.memory_check`.
 
-Compared with the seed's "GPU Memory Guidelines" in tests/planning/test_memory.py.
+Compared with NeMo Customizer's published "GPU Memory Guidelines" (the table is in
+tests/planning/test_memory.py).
 """
 
 from __future__ import annotations

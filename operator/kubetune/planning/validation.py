@@ -60,7 +60,8 @@ class JobReport:
         return section
 
     def to_json(self) -> dict[str, Any]:
-        """The `kubetune validate -o json` shape (DESIGN.md)."""
+        """The `kubetune validate -o json` shape: the job, its backend, valid, errors and warnings
+        (path and message), and the layout."""
         return {
             "name": self.name,
             "namespace": self.namespace,

@@ -106,7 +106,7 @@ def run_layout(
         raise SystemExit(f"{name}: invalid job: {report.errors}")
     out = workdir / f"out-{name}"
     paths = ResolvedPaths(model=str(folder), training=str(data), output=str(out))
-    job = resolve(report.section, report.layout.as_dict(), JobIdentity(name="bench", uid=name), paths)
+    job = resolve(report.section, report.layout, JobIdentity(name="bench", uid=name), paths)
     config = workdir / f"{name}.json"
     config.write_text(job.model_dump_json(), encoding="utf-8")
     processes = job.layout.world_size

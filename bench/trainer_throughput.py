@@ -118,7 +118,7 @@ def run_kubetune(model: str, folder: Path, data: Path, workdir: Path) -> dict[st
     output = workdir / f"kubetune-{model}"
     shutil.rmtree(output, ignore_errors=True)  # a finished result would not be trained again
     paths = ResolvedPaths(model=str(folder), training=str(data), output=str(output))
-    job = resolve(report.section, report.layout.as_dict(), JobIdentity(name="bench"), paths)
+    job = resolve(report.section, report.layout, JobIdentity(name="bench"), paths)
     progress = workdir / f"kubetune-{model}-progress.jsonl"
     progress.unlink(missing_ok=True)
     options = RunOptions(progress_bar=False, progress_file=str(progress), checkpoint_every=10**6)

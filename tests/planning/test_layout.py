@@ -3,6 +3,7 @@ from __future__ import annotations
 import pytest
 
 from kubetune.api.automodel import AutomodelSpec
+from kubetune.api.resources import CustomizationJobStatus
 from kubetune.api.unsloth import UnslothSpec
 from kubetune.planning.layout import Layout, LayoutError, compute_layout
 
@@ -40,7 +41,16 @@ def _automodel(parallelism: dict[str, int], batch: dict[str, int]) -> AutomodelS
 def test_automodel_layout(parallelism: dict[str, int], batch: dict[str, int], expected: tuple[int, ...]) -> None:
     layout = compute_layout(_automodel(parallelism, batch))
     total, dp, tp, pp, cp, ep, accumulation = expected
-    assert layout == Layout(total, total, dp, tp, pp, cp, ep, accumulation)
+    assert layout == Layout(
+        total_gpus=total,
+        world_size=total,
+        data_parallel_size=dp,
+        tensor_parallel_size=tp,
+        pipeline_parallel_size=pp,
+        context_parallel_size=cp,
+        expert_parallel_size=ep,
+        gradient_accumulation_steps=accumulation,
+    )
     assert dp * tp * pp * cp == layout.world_size
 
 
@@ -61,10 +71,11 @@ def test_unsloth_layout_is_one_gpu_with_its_accumulation() -> None:
     assert (layout.total_gpus, layout.world_size, layout.gradient_accumulation_steps) == (1, 1, 4)
 
 
-def test_status_keys_are_camel_case() -> None:
+def test_one_layout_is_camel_case_in_status_and_snake_case_elsewhere() -> None:
     layout = compute_layout(_automodel({}, {}))
-    status = layout.as_status().wire()
-    assert list(status.values()) == list(layout.as_dict().values())
+    status = CustomizationJobStatus(layout=layout).wire()["layout"]
+    by_name = layout.model_dump()
+    assert list(status.values()) == list(by_name.values())
     assert set(status) == {
         "totalGpus",
         "worldSize",
@@ -75,3 +86,7 @@ def test_status_keys_are_camel_case() -> None:
         "expertParallelSize",
         "gradientAccumulationSteps",
     }
+    assert "gradient_accumulation_steps" in by_name  # the resolved job and `validate -o json`
+    # Read back from either shape: the status the operator reads, the config the trainer reads.
+    assert CustomizationJobStatus.model_validate({"layout": status}).layout == layout
+    assert Layout.model_validate(by_name) == layout

@@ -63,7 +63,10 @@ def test_every_rule_is_in_the_crd_once() -> None:
 def test_section_defaults_let_the_api_server_fill_nested_defaults() -> None:
     automodel = _schema("CustomizationJob")["properties"]["spec"]["properties"]["automodel"]
     assert automodel["properties"]["batch"]["default"] == {
-        "global_batch_size": 8, "micro_batch_size": 1, "sequence_packing": False}
+        "global_batch_size": 8,
+        "micro_batch_size": 1,
+        "sequence_packing": False,
+    }
     for section in ("training", "schedule", "optimizer", "parallelism"):
         node = automodel["properties"][section]
         assert node["default"] == {k: v["default"] for k, v in node["properties"].items() if "default" in v}

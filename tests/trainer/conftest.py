@@ -96,7 +96,7 @@ def make_job(
         validation=str(validation) if validation else None,
         output=str(output),
     )
-    job = resolve(report.section, report.layout.as_dict(), JobIdentity(name=name, uid="test"), paths)
+    job = resolve(report.section, report.layout, JobIdentity(name=name, uid="test"), paths)
     output.mkdir(parents=True, exist_ok=True)
     config = output.parent / f"{output.name}-job.json"
     config.write_text(job.model_dump_json(indent=2), encoding="utf-8")

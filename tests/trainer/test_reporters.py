@@ -18,7 +18,7 @@ from kubetune_trainer.unsloth_backend.reporting import make_reporter as make_uns
 def _job(section: AutomodelSpec | UnslothSpec) -> ResolvedJob:
     return resolve(
         section,
-        compute_layout(section).as_dict(),
+        compute_layout(section),
         JobIdentity(name="j", namespace="ns"),
         ResolvedPaths(model="/m", training="/d", output="/o"),
     )

@@ -141,7 +141,7 @@ def test_tracking_run_urls_go_to_the_job_status(
     )
     job = resolve(
         section,
-        compute_layout(section).as_dict(),
+        compute_layout(section),
         JobIdentity(name="j", namespace="ns"),
         ResolvedPaths(model="/m", training="/d", output=str(tmp_path)),
     )

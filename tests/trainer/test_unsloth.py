@@ -63,7 +63,7 @@ def unsloth_job(
         validation=str(validation) if validation else None,
         output=str(output),
     )
-    return resolve(report.section, report.layout.as_dict(), JobIdentity(name="tiny-unsloth", uid="t"), paths)
+    return resolve(report.section, report.layout, JobIdentity(name="tiny-unsloth", uid="t"), paths)
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic.alias_generators import to_camel
 
 from kubetune.api.automodel import AutomodelSpec
 from kubetune.api.common import (
@@ -199,7 +200,7 @@ class StatusModel(BaseModel):
     def wire(self) -> dict[str, Any]:
         """The JSON sent in a status merge patch: camelCase, and no key for what is unknown
         (None), so a patch never erases a value another writer put there."""
-        return self.model_dump(mode="json", exclude_none=True)
+        return self.model_dump(mode="json", exclude_none=True, by_alias=True)
 
 
 class Condition(StatusModel):
@@ -210,15 +211,24 @@ class Condition(StatusModel):
     lastTransitionTime: str | None = Field(None, max_length=64, description="When the status last changed.")
 
 
-class LayoutStatus(StatusModel):
-    totalGpus: int
-    worldSize: int
-    dataParallelSize: int
-    tensorParallelSize: int
-    pipelineParallelSize: int
-    contextParallelSize: int
-    expertParallelSize: int
-    gradientAccumulationSteps: int
+# Computed once by `kubetune.planning.layout.compute_layout`, then carried whole: `status.layout`
+# (camelCase: its aliases), the trainer's resolved job and `kubetune validate -o json`
+# (snake_case: its field names).
+class Layout(BaseModel):
+    """The GPUs and the data, tensor, pipeline, context and expert parallel sizes the job runs with."""
+
+    model_config = ConfigDict(
+        frozen=True, extra="forbid", alias_generator=to_camel, validate_by_name=True, validate_by_alias=True
+    )
+
+    total_gpus: int
+    world_size: int
+    data_parallel_size: int
+    tensor_parallel_size: int
+    pipeline_parallel_size: int
+    context_parallel_size: int
+    expert_parallel_size: int
+    gradient_accumulation_steps: int
 
 
 class ProgressStatus(StatusModel):
@@ -273,7 +283,7 @@ class CustomizationJobStatus(StatusModel):
     backend: Backend | None = Field(None, description="The backend the job runs on.")
     observedGeneration: int | None = None
     conditions: list[Condition] | None = Field(None, max_length=32)
-    layout: LayoutStatus | None = None
+    layout: Layout | None = None
     progress: ProgressStatus | None = None
     output: OutputStatus | None = None
     tracking: TrackingStatus | None = None

@@ -98,7 +98,7 @@ def prepare(
     folder = Path(output) if output else Path("runs") / report.namespace / report.name
     job = resolve(
         section,
-        report.layout.as_dict(),
+        report.layout,
         JobIdentity(name=report.name, namespace=report.namespace),
         ResolvedPaths(
             model=paths["model"],

@@ -223,7 +223,7 @@ def launch(op: Operator, body: Mapping[str, Any]) -> CustomizationJobStatus:
         phase=phase,
         memoryEstimate=memory,
         backend=backend,
-        layout=report.layout.as_status(),
+        layout=report.layout,
         observedGeneration=meta.get("generation"),
         conditions=merge_conditions(conditions, new_conditions),
     )

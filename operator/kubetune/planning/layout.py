@@ -1,6 +1,6 @@
 """The parallel layout of a job: the one place where GPU arithmetic lives.
 
-NeMo Customizer's rules (seed, "GPU relationships and constraints"):
+NeMo Customizer's rules ("GPU relationships and constraints"):
 total_gpus = num_gpus_per_node × num_nodes; total_gpus must be divisible by TP × PP × CP;
 data_parallel_size = total_gpus / (TP × PP × CP); global_batch_size must be divisible by
 micro_batch_size × data_parallel_size, and gradient accumulation is the quotient.
@@ -9,44 +9,17 @@ The validator's rules, the CLI, the operator and the trainer all call these func
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 from kubetune.api.automodel import AutomodelBatch, AutomodelParallelism, AutomodelSpec
-from kubetune.api.resources import LayoutStatus
+from kubetune.api.resources import Layout
 from kubetune.api.unsloth import UnslothSpec
+
+__all__ = ["Layout", "LayoutError", "compute_layout"]
 
 
 class LayoutError(ValueError):
     """The parallel sizes do not fit the GPUs or the batch; validation reports the details."""
-
-
-@dataclass(frozen=True)
-class Layout:
-    total_gpus: int
-    world_size: int
-    data_parallel_size: int
-    tensor_parallel_size: int
-    pipeline_parallel_size: int
-    context_parallel_size: int
-    expert_parallel_size: int
-    gradient_accumulation_steps: int
-
-    def as_dict(self) -> dict[str, int]:
-        """snake_case keys, as `kubetune validate -o json` prints them."""
-        return asdict(self)
-
-    def as_status(self) -> LayoutStatus:
-        """`status.layout`."""
-        return LayoutStatus(
-            totalGpus=self.total_gpus,
-            worldSize=self.world_size,
-            dataParallelSize=self.data_parallel_size,
-            tensorParallelSize=self.tensor_parallel_size,
-            pipelineParallelSize=self.pipeline_parallel_size,
-            contextParallelSize=self.context_parallel_size,
-            expertParallelSize=self.expert_parallel_size,
-            gradientAccumulationSteps=self.gradient_accumulation_steps,
-        )
 
 
 def total_gpus(parallelism: AutomodelParallelism) -> int:

@@ -128,7 +128,7 @@ def _more_gpus(current: MemoryEstimate, gpu: float, verdict: Verdict) -> tuple[i
     best: tuple[int, MemoryEstimate] | None = None
     for dp in range(layout.data_parallel_size + 1, MAX_GPUS // model_parallel + 1):
         world = dp * model_parallel
-        bigger = dataclasses.replace(layout, data_parallel_size=dp, world_size=world, total_gpus=world)
+        bigger = layout.model_copy(update={"data_parallel_size": dp, "world_size": world, "total_gpus": world})
         after = memory.estimate(inputs, bigger)
         then = _verdict(after, gpu)
         if then == "fits":

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from kubetune.api.automodel import LORA_FINETUNING_TYPES, AutomodelSpec
 from kubetune.api.common import GROUP_VERSION
-from kubetune.api.resources import Backend
+from kubetune.api.resources import Backend, Layout
 from kubetune.api.unsloth import UnslothSpec
 from kubetune.planning.names import default_output_name
 
@@ -47,17 +47,6 @@ class ResolvedPaths(_Contract):
     output: str = Field(description="Writable folder: checkpoints/ and the result.")
 
 
-class LayoutContract(_Contract):
-    total_gpus: int
-    world_size: int
-    data_parallel_size: int
-    tensor_parallel_size: int
-    pipeline_parallel_size: int
-    context_parallel_size: int
-    expert_parallel_size: int
-    gradient_accumulation_steps: int
-
-
 class ResolvedOutput(_Contract):
     name: str
     type: OutputType
@@ -71,7 +60,7 @@ class ResolvedJob(_Contract):
     backend: Backend
     automodel: AutomodelSpec | None = None
     unsloth: UnslothSpec | None = None
-    layout: LayoutContract
+    layout: Layout
     paths: ResolvedPaths
     output: ResolvedOutput
     base_model: str = Field(description="The base Model reference as written (recorded in the output).")
@@ -128,7 +117,7 @@ def output_model_details(
 
 def resolve(
     section: AutomodelSpec | UnslothSpec,
-    layout: dict[str, int],
+    layout: Layout,
     job: JobIdentity,
     paths: ResolvedPaths,
 ) -> ResolvedJob:
@@ -140,7 +129,7 @@ def resolve(
         backend=backend,
         automodel=section if isinstance(section, AutomodelSpec) else None,
         unsloth=section if isinstance(section, UnslothSpec) else None,
-        layout=LayoutContract(**layout),
+        layout=layout,
         paths=paths,
         output=ResolvedOutput(name=output_name(section, job.name), type=output_type(section), description=description),
         base_model=base_model_reference(section),

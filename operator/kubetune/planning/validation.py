@@ -69,7 +69,7 @@ class JobReport:
             "valid": self.valid,
             "errors": [{"path": e.path, "message": e.message} for e in self.errors],
             "warnings": [{"path": w.path, "message": w.message} for w in self.warnings],
-            "layout": self.layout.as_dict() if self.layout else None,
+            "layout": self.layout.model_dump() if self.layout else None,
         }
 
 

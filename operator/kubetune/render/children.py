@@ -142,7 +142,7 @@ def resolved_config(job: JobInput) -> ResolvedJob:
     assert section is not None, "render needs a validated job"
     return resolve(
         section,
-        job.layout.as_dict(),
+        job.layout,
         JobIdentity(name=job.name, namespace=job.namespace, uid=job.uid),
         ResolvedPaths(
             model=mounts["model"],
@@ -298,7 +298,6 @@ def _pod_template(
         {"name": "XDG_CACHE_HOME", "value": "/cache"},
         {"name": "HF_HOME", "value": "/cache/huggingface"},
         {"name": "TRITON_CACHE_DIR", "value": "/cache/triton"},
-        *({"name": f"KUBETUNE_{key.upper()}", "value": str(value)} for key, value in job.layout.as_dict().items()),
         {"name": GPUS_ASSIGNED_BY_NODE, "value": "1"},  # hardware.gpus indices do not apply in a pod
         *secret_env(job.spec, job.namespace),
         *hub_token_env(job.sources),  # tracking credentials, never in the ConfigMap

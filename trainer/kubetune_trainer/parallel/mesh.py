@@ -21,9 +21,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
-from typing import TYPE_CHECKING, Literal, Protocol
+from typing import TYPE_CHECKING, Literal
 
 import torch
+
+from kubetune.api.resources import Layout
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -31,21 +33,6 @@ if TYPE_CHECKING:
 
 Dim = Literal["pp", "dp", "cp", "tp"]
 DIMS: tuple[Dim, ...] = ("pp", "dp", "cp", "tp")
-
-
-class LayoutLike(Protocol):
-    """What the mesh needs of `kubetune.planning` layouts (`Layout`, `LayoutContract`)."""
-
-    @property
-    def data_parallel_size(self) -> int: ...
-    @property
-    def tensor_parallel_size(self) -> int: ...
-    @property
-    def pipeline_parallel_size(self) -> int: ...
-    @property
-    def context_parallel_size(self) -> int: ...
-    @property
-    def expert_parallel_size(self) -> int: ...
 
 
 @dataclass(frozen=True)
@@ -65,7 +52,7 @@ class ParallelDims:
             raise ValueError(f"expert parallel size {self.ep} must divide data × context parallel {self.dp * self.cp}")
 
     @staticmethod
-    def from_layout(layout: LayoutLike) -> ParallelDims:
+    def from_layout(layout: Layout) -> ParallelDims:
         return ParallelDims(
             pp=layout.pipeline_parallel_size,
             dp=layout.data_parallel_size,

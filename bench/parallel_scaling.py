@@ -7,7 +7,7 @@ process per "GPU" of the layout, and the table shows for each:
 - step time and tokens/s (real tokens over optimizer steps only), and the ratio to 1 process;
 - the final loss (equal for every layout: they compute the same steps);
 - the largest rank's weights + gradients + optimizer states, as allocated, next to what the
-  memory pre-flight (`status.memoryEstimate`, `kubetune.planning.memory`) says for them;
+  memory pre-flight (`status.memoryEstimate`, `kubetune.planning.memory.estimate`) says for them;
 - the largest rank's peak memory (CUDA allocator on GPUs; the process's RSS on CPU, which
   includes Python and torch) next to the pre-flight's total.
 
@@ -89,7 +89,7 @@ def declared_model(folder: Path, parameters: int) -> Any:
 def run_layout(
     name: str, folder: Path, data: Path, kind: str, steps: int, micro: int, length: int, workdir: Path
 ) -> dict[str, Any]:
-    from kubetune.planning.memory import estimate, memory_inputs
+    from kubetune.planning.memory.estimate import estimate, memory_inputs
     from kubetune.planning.resolved import JobIdentity, ResolvedPaths, resolve
     from kubetune.planning.validation import validate_job
     from kubetune_trainer.models import count_parameters, load_causal_lm

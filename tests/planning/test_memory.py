@@ -25,8 +25,8 @@ from kubetune.api.automodel import AutomodelSpec
 from kubetune.api.resources import Adapter, ModelSpec, Source
 from kubetune.api.unsloth import UnslothSpec
 from kubetune.planning.layout import compute_layout
-from kubetune.planning.memory import GIB, MemoryEstimate, estimate_from_resolved, estimate_memory
-from kubetune.planning.memory_check import FITS_FRACTION, check_memory, memory_report
+from kubetune.planning.memory.estimate import GIB, MemoryEstimate, estimate_from_resolved, estimate_memory
+from kubetune.planning.memory.verdict import FITS_FRACTION, check_memory, memory_report
 
 B = 1_000_000_000
 

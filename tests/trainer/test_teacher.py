@@ -11,7 +11,7 @@ import torch
 
 from kubetune.api.automodel import AutomodelSpec
 from kubetune.planning.layout import compute_layout
-from kubetune.planning.memory import estimate, memory_inputs
+from kubetune.planning.memory.estimate import estimate, memory_inputs
 from kubetune_trainer.__main__ import run_job
 from kubetune_trainer.automodel.teacher import FrozenTeacher
 from kubetune_trainer.config import RunOptions
@@ -114,7 +114,7 @@ def test_preflight_teacher_weights_match_the_measured_peak(
 ) -> None:
     """The pre-flight's teacher weight term against the teacher bytes measured on the device during a
     real forward (the streamer's peak when offloaded; all of them otherwise), within 25%."""
-    from kubetune.planning.memory import teacher_weight_bytes
+    from kubetune.planning.memory.estimate import teacher_weight_bytes
     from kubetune_trainer.models import DTYPES
 
     model = load_causal_lm(str(llama_shaped_teacher), DTYPES[precision])

@@ -84,7 +84,7 @@ def base_weights_dtype(device: torch.device, lora: bool) -> torch.dtype:
     """How the student's weights are stored: fp32 when they are trained (the optimizer's master
     copy) and on CPU; bf16 under a LoRA adapter on a GPU, where they are frozen and every
     matmul runs in bf16 anyway — half the memory, what the memory pre-flight counts
-    (kubetune.planning.memory). peft keeps the adapter itself in fp32."""
+    (kubetune.planning.memory.estimate). peft keeps the adapter itself in fp32."""
     return torch.bfloat16 if lora and device.type == "cuda" else torch.float32
 
 

@@ -262,7 +262,7 @@ class TrackingStatus(StatusModel):
 
 
 class MemoryStatus(StatusModel):
-    """GPU memory per GPU estimated before launch (kubetune.planning.memory), in GiB."""
+    """GPU memory per GPU estimated before launch, in GiB."""
 
     weightsGiB: float | None = None
     gradientsGiB: float | None = None

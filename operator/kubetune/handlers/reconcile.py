@@ -33,8 +33,8 @@ from kubetune.handlers.metrics import LAUNCH_LATENCY, PHASES, VALIDATION_FAILURE
 from kubetune.handlers.settings import OperatorSettings
 from kubetune.handlers.waiting import WaitingJobs
 from kubetune.planning.lifecycle import ChildState, batch_job_state, condition, merge_conditions, pytorchjob_state
-from kubetune.planning.memory import estimate_from_resolved
-from kubetune.planning.memory_check import check_memory, memory_report
+from kubetune.planning.memory.estimate import estimate_from_resolved
+from kubetune.planning.memory.verdict import check_memory, memory_report
 from kubetune.planning.references import Catalog, cluster_source_problem, reference_uses
 from kubetune.planning.resolved import base_model_reference, output_model_details, output_name, output_type
 from kubetune.planning.validation import JobReport, validate_fileset, validate_job, validate_model

@@ -7,7 +7,7 @@
   time (each decoder layer, and the embedding, final norm and LM head on their own): a
   forward pre-hook moves a unit to the device just before it runs, a forward hook moves it
   back right after. At most one unit's weights are on the GPU at once, the one-layer
-  teacher term of the memory pre-flight (kubetune.planning.memory). Buffers (rotary
+  teacher term of the memory pre-flight (kubetune.planning.memory.estimate). Buffers (rotary
   tables) are small and stay on the device.
 - Not offloaded: every rank holds the whole teacher on its device (it is not sharded),
   which is the pre-flight's T·p teacher term.

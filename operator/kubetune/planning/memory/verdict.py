@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from typing import Literal
 
 from kubetune.api.resources import MemoryStatus
-from kubetune.planning import memory
 from kubetune.planning.layout import Layout
-from kubetune.planning.memory import MemoryEstimate, MemoryInputs
+from kubetune.planning.memory import estimate
+from kubetune.planning.memory.estimate import MemoryEstimate, MemoryInputs
 from kubetune.planning.references import Finding
 
 FITS_FRACTION = 0.9
@@ -109,7 +109,7 @@ def _suggestions(current: MemoryEstimate, gpu: float, verdict: Verdict) -> list[
         if changed is None:
             continue
         text, inputs, layout = changed
-        after = memory.estimate(inputs, layout)
+        after = estimate.estimate(inputs, layout)
         if metric(after) < metric(current) - 0.05:
             then = _verdict(after, gpu)
             scored.append((_RANK[then], metric(after), f"{text} (≈{after.total:.1f} GiB per GPU: {then})"))
@@ -129,7 +129,7 @@ def _more_gpus(current: MemoryEstimate, gpu: float, verdict: Verdict) -> tuple[i
     for dp in range(layout.data_parallel_size + 1, MAX_GPUS // model_parallel + 1):
         world = dp * model_parallel
         bigger = layout.model_copy(update={"data_parallel_size": dp, "world_size": world, "total_gpus": world})
-        after = memory.estimate(inputs, bigger)
+        after = estimate.estimate(inputs, bigger)
         then = _verdict(after, gpu)
         if then == "fits":
             best = (world, after)

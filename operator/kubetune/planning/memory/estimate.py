@@ -58,7 +58,7 @@ Formula (P = numParameters, W = world size = DP × TP × PP × CP, bytes per GiB
               copy of two layers (current + prefetch) when DP·CP > 1: 2 · 2·(P/L)/t.
 
 The verdict against the cluster's GPU size (fits / tight / cannot fit, with what to
-change) is in `kubetune.planning.memory_check`.
+change) is in `kubetune.planning.memory.verdict`.
 
 Compared with NeMo Customizer's published "GPU Memory Guidelines" (the table is in
 tests/planning/test_memory.py).

@@ -25,9 +25,9 @@ from kubetune.api.unsloth import UnslothSpec
 from kubetune.planning.dtypes import gpu_dtype_findings
 from kubetune.planning.gpus import gpu_selection_warnings
 from kubetune.planning.layout import Layout, compute_layout
-from kubetune.planning.messages import describe, dotted
 from kubetune.planning.references import Catalog, Finding, ReferenceCheck, check_references
 from kubetune.planning.rules import Kind, Rule, rules_for
+from kubetune.planning.schema_errors import describe, dotted
 from kubetune.planning.tracking import secret_reference_errors
 
 _MAX_REPAIRS = 16

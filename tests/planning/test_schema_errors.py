@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from kubetune.planning.messages import dotted
+from kubetune.planning.schema_errors import dotted
 from kubetune.planning.validation import validate_job
 from tests.cases import automodel
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from pydantic_core import ErrorDetails
 
-from kubetune.planning.hints import unknown_field_message
+from kubetune.planning.unknown_fields import unknown_field_message
 
 _PLAIN_KEY = re.compile(r"[A-Za-z0-9_./-]+")
 

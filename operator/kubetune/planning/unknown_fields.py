@@ -1,6 +1,6 @@
 """What to tell a user who wrote a field the backend does not have.
 
-The two backends do not share field names (seed: "a field from one backend will not
+The two backends do not share field names (NeMo Customizer: "a field from one backend will not
 validate against the other"), so the commonest mistake is the other backend's name for
 the same thing. These tables map each such path to its equivalent, or say there is none.
 """

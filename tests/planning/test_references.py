@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from kubetune.api.resources import Source
-from kubetune.planning.inputs import sort_manifests
+from kubetune.cli.bundle import sort_manifests
 from kubetune.planning.references import cluster_source_problem
 from kubetune.planning.validation import validate_job
 from tests.cases import GROUP_VERSION, automodel, unsloth

@@ -30,9 +30,9 @@ from typing import Any, TextIO
 
 from kubetune.api.automodel import AutomodelSpec
 from kubetune.api.resources import FileSetSpec, ModelSpec
+from kubetune.cli.bundle import sort_manifests
 from kubetune.cli.documents import Document
 from kubetune.cli.validate import EXIT_INVALID, EXIT_USAGE, EXIT_VALID, describe_layout
-from kubetune.planning.inputs import sort_manifests
 from kubetune.planning.references import reference_uses
 from kubetune.planning.resolved import JobIdentity, ResolvedJob, ResolvedPaths, resolve
 from kubetune.planning.validation import validate_job

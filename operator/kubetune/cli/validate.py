@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 from typing import TextIO
 
+from kubetune.cli.bundle import Bundle, sort_manifests
 from kubetune.cli.documents import Document
-from kubetune.planning.inputs import Bundle, sort_manifests
 from kubetune.planning.layout import Layout
 from kubetune.planning.validation import JobReport, validate_job
 

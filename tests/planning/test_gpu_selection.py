@@ -11,7 +11,7 @@ import yaml
 from kubetune.cli.documents import load_files
 from kubetune.cli.render import run_render
 from kubetune.planning.validation import validate_job
-from kubetune_trainer.unsloth_backend import settings
+from kubetune_trainer.unsloth_backend import arguments
 from tests.cases import unsloth
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -38,12 +38,12 @@ def test_a_cluster_pod_requests_one_gpu_and_leaves_the_selection_to_the_node(tmp
     assert env["KUBETUNE_GPUS_ASSIGNED_BY_NODE"] == "1"
     # In that pod the trainer leaves CUDA_VISIBLE_DEVICES alone (the GPU it got is device 0 there).
     pod_env = {"KUBETUNE_GPUS_ASSIGNED_BY_NODE": "1"}
-    assert settings.select_gpus(gpus, pod_env) is None and "CUDA_VISIBLE_DEVICES" not in pod_env
+    assert arguments.select_gpus(gpus, pod_env) is None and "CUDA_VISIBLE_DEVICES" not in pod_env
 
 
 def test_kubetune_run_sets_the_visible_devices() -> None:
     env: dict[str, str] = {}
-    assert settings.select_gpus("2,3", env) == "2,3" and env["CUDA_VISIBLE_DEVICES"] == "2,3"
+    assert arguments.select_gpus("2,3", env) == "2,3" and env["CUDA_VISIBLE_DEVICES"] == "2,3"
 
 
 def test_validation_warns_that_the_node_assigns_and_unsloth_uses_one_gpu() -> None:

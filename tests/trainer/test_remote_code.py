@@ -17,7 +17,7 @@ from conftest import merge  # tests/trainer/conftest.py
 
 from kubetune.api.unsloth import UnslothSpec
 from kubetune_trainer.models import load_tokenizer
-from kubetune_trainer.unsloth_backend import settings
+from kubetune_trainer.unsloth_backend import arguments
 from kubetune_trainer.unsloth_backend.dataset import load_sft_data
 
 CUSTOM_TOKENIZER = '''
@@ -57,11 +57,11 @@ def test_custom_tokenizer_needs_trust(remote_code_model: Path) -> None:
 
 
 def test_unsloth_data_tokenizer_follows_trust_remote_code(remote_code_model: Path, task_data: Path) -> None:
-    tokenizer = settings.data_tokenizer(_section(True), str(remote_code_model))
+    tokenizer = arguments.data_tokenizer(_section(True), str(remote_code_model))
     assert type(tokenizer).__name__ == "KubetuneTestTokenizer"
     data = load_sft_data(_section(True), str(task_data), None, tokenizer)
     assert len(data.train) > 0
     with pytest.raises(ValueError, match="trust_remote_code"):
-        settings.data_tokenizer(_section(False), str(remote_code_model))
-    kwargs = settings.from_pretrained_kwargs(_section(True), str(remote_code_model))
+        arguments.data_tokenizer(_section(False), str(remote_code_model))
+    kwargs = arguments.from_pretrained_kwargs(_section(True), str(remote_code_model))
     assert kwargs["trust_remote_code"] is True

@@ -28,7 +28,7 @@ from kubetune_trainer.config import ConfigError, RunOptions
 from kubetune_trainer.data import IGNORE_INDEX, ChatSample, DataError, PromptSample, Row, TextSample
 from kubetune_trainer.outputs import read_result
 from kubetune_trainer.progress import read_events
-from kubetune_trainer.unsloth_backend import settings
+from kubetune_trainer.unsloth_backend import arguments
 from kubetune_trainer.unsloth_backend.dataset import load_sft_data, to_sample
 
 BASE: dict[str, Any] = {
@@ -256,9 +256,9 @@ def load(fast: Any, job: ResolvedJob) -> Any:
     from kubetune_trainer.unsloth_backend.reporting import Notes
     from kubetune_trainer.unsloth_backend.sft import _eight_bit_on_cpu
 
-    section = settings.section_of(job)
+    section = arguments.section_of(job)
     with _eight_bit_on_cpu(section.model.load_in_8bit, Notes()):
-        model, _ = fast.from_pretrained(**settings.from_pretrained_kwargs(section, job.paths.model))
+        model, _ = fast.from_pretrained(**arguments.from_pretrained_kwargs(section, job.paths.model))
     return model
 
 
@@ -281,8 +281,8 @@ def test_model_fields_change_the_loaded_model(
     # auto = unsloth's auto-detect: bf16 where the CPU has native bf16, else fp32 (logged by the trainer).
     assert loaded({"dtype": "auto"}).dtype == (torch.bfloat16 if is_bfloat16_supported() else torch.float32)
     assert (
-        settings.from_pretrained_kwargs(
-            settings.section_of(unsloth_job(tmp_path, tiny_model, task_data, {"model": {"trust_remote_code": True}})),
+        arguments.from_pretrained_kwargs(
+            arguments.section_of(unsloth_job(tmp_path, tiny_model, task_data, {"model": {"trust_remote_code": True}})),
             "m",
         )["trust_remote_code"]
         is True
@@ -296,7 +296,7 @@ def test_lora_fields_reach_peft(fast_language_model: Any, tmp_path: Path, tiny_m
         spec = {"training": {"lora": lora_spec, "use_gradient_checkpointing": checkpointing}}
         job = unsloth_job(tmp_path, tiny_model, task_data, spec)
         model = load(fast_language_model, job)
-        kwargs = settings.peft_kwargs(settings.section_of(job))
+        kwargs = arguments.peft_kwargs(arguments.section_of(job))
         assert kwargs is not None
         return fast_language_model.get_peft_model(model, **kwargs)
 
@@ -323,10 +323,10 @@ def test_lora_fields_reach_peft(fast_language_model: Any, tmp_path: Path, tiny_m
 def sft_args(job: ResolvedJob, rows: int = 100, has_validation: bool = True) -> Any:
     from trl import SFTConfig
 
-    section = settings.section_of(job)
-    plan = settings.step_plan(section, rows, None)
-    args = SFTConfig(**settings.sft_config_kwargs(section, "/tmp/unused", plan, has_validation, 2))
-    settings.restore_job_arguments(args, section, on_cpu=True)
+    section = arguments.section_of(job)
+    plan = arguments.step_plan(section, rows, None)
+    args = SFTConfig(**arguments.sft_config_kwargs(section, "/tmp/unused", plan, has_validation, 2))
+    arguments.restore_job_arguments(args, section, on_cpu=True)
     return args
 
 
@@ -362,8 +362,8 @@ def test_schedule_batch_optimizer_fields_reach_the_trainer(
     assert args.max_length == 48 and args.report_to in ([], ["none"], "none")
     # fp16 on CPU: unsloth's fallback uses bf16 autocast where the CPU has it, else fp32 (logged).
     assert (args.bf16, args.fp16) == ((True, False) if is_bfloat16_supported() else (False, False))
-    assert settings.step_plan(settings.section_of(unsloth_job(tmp_path, tiny_model, task_data, spec)), 100, None) == (
-        settings.StepPlan(total_steps=51, steps_per_epoch=17, save_steps=7)
+    assert arguments.step_plan(arguments.section_of(unsloth_job(tmp_path, tiny_model, task_data, spec)), 100, None) == (
+        arguments.StepPlan(total_steps=51, steps_per_epoch=17, save_steps=7)
     )
     steps = sft_args(unsloth_job(tmp_path, tiny_model, task_data, {"schedule": {"max_steps": 9, "warmup_steps": 3}}))
     assert (steps.max_steps, steps.warmup_steps, str(steps.eval_strategy.value)) == (9, 3, "no")
@@ -373,7 +373,7 @@ def test_schedule_batch_optimizer_fields_reach_the_trainer(
 
     job = unsloth_job(tmp_path, tiny_model, task_data, {"optimizer": {"optim": "adamw_8bit"}})
     model = fast_language_model.get_peft_model(load(fast_language_model, job), r=4)
-    data = load_sft_data(settings.section_of(job), str(task_data), None, _tokenizer(tiny_model))
+    data = load_sft_data(arguments.section_of(job), str(task_data), None, _tokenizer(tiny_model))
     trainer = SFTTrainer(
         model=model, args=sft_args(job), train_dataset=data.train, processing_class=_tokenizer(tiny_model)
     )
@@ -390,7 +390,7 @@ def test_packing_packs_without_crossing_examples(
     args = sft_args(job)
     assert args.packing is True  # unsloth's CPU fallback turns it off; kubetune keeps the job's value
     model = fast_language_model.get_peft_model(load(fast_language_model, job), r=4)
-    data = load_sft_data(settings.section_of(job), str(task_data), None, _tokenizer(tiny_model))
+    data = load_sft_data(arguments.section_of(job), str(task_data), None, _tokenizer(tiny_model))
     trainer = SFTTrainer(model=model, args=args, train_dataset=data.train, processing_class=_tokenizer(tiny_model))
     assert len(trainer.train_dataset) < len(data.train) / 3  # many short examples per 64-token row
     batch = next(iter(trainer.get_train_dataloader()))
@@ -415,12 +415,12 @@ def test_gpus_set_cuda_visible_devices(
     train_unsloth: Callable[..., tuple[Path, dict[str, Any]]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     env: dict[str, str] = {}
-    assert settings.select_gpus(None, env) is None and env == {}
-    assert settings.select_gpus("1,0", env) == "1,0" and env["CUDA_VISIBLE_DEVICES"] == "1,0"
+    assert arguments.select_gpus(None, env) is None and env == {}
+    assert arguments.select_gpus("1,0", env) == "1,0" and env["CUDA_VISIBLE_DEVICES"] == "1,0"
     narrowed = {"CUDA_VISIBLE_DEVICES": "4,6"}
-    assert settings.select_gpus("1", narrowed) == "6"  # indices pick from what the container may use
+    assert arguments.select_gpus("1", narrowed) == "6"  # indices pick from what the container may use
     with pytest.raises(ConfigError, match="only 2 GPU"):
-        settings.select_gpus("2", {"CUDA_VISIBLE_DEVICES": "4,6"})
+        arguments.select_gpus("2", {"CUDA_VISIBLE_DEVICES": "4,6"})
 
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     folder, _ = train_unsloth({"hardware": {"gpus": "0"}, "schedule": {"max_steps": 2}})
@@ -457,8 +457,8 @@ def test_text_field_and_chat_template_pick_the_text(tiny_model: Path, tmp_path: 
     )
     job_text = unsloth_job(tmp_path, tiny_model, rows, {"dataset": {"text_field": "body"}})
     tokenizer = _tokenizer(tiny_model)
-    as_chat = load_sft_data(settings.section_of(job_chat), str(rows), str(rows), tokenizer).train[0]
-    as_text = load_sft_data(settings.section_of(job_text), str(rows), str(rows), tokenizer).train[0]
+    as_chat = load_sft_data(arguments.section_of(job_chat), str(rows), str(rows), tokenizer).train[0]
+    as_text = load_sft_data(arguments.section_of(job_text), str(rows), str(rows), tokenizer).train[0]
     assert "<|im_start|>user" in tokenizer.decode(as_chat["input_ids"])
     assert tokenizer.decode([t for t in as_chat["labels"] if t != IGNORE_INDEX]).startswith("3")
     assert tokenizer.decode(as_text["input_ids"]).startswith("red cat")
@@ -470,10 +470,10 @@ def test_validation_path_is_used_instead_of_a_hold_out(tiny_model: Path, task_da
     validation.write_text(json.dumps({"prompt": "add 1 and 1", "completion": "2"}) + "\n")
     tokenizer = _tokenizer(tiny_model)
     given = load_sft_data(
-        settings.section_of(unsloth_job(tmp_path, tiny_model, task_data)), str(task_data), str(validation), tokenizer
+        arguments.section_of(unsloth_job(tmp_path, tiny_model, task_data)), str(task_data), str(validation), tokenizer
     )
     held = load_sft_data(
-        settings.section_of(unsloth_job(tmp_path, tiny_model, task_data)), str(task_data), None, tokenizer
+        arguments.section_of(unsloth_job(tmp_path, tiny_model, task_data)), str(task_data), None, tokenizer
     )
     assert (len(given.train), len(given.validation), given.held_out) == (160, 1, False)
     assert (len(held.train), len(held.validation), held.held_out) == (144, 16, True)

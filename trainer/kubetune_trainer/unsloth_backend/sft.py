@@ -16,7 +16,7 @@ Features (every field of `spec.unsloth`; the table is in docs/trainer-unsloth.md
 - data: `kubetune_trainer.data` reads and checks the rows; `dataset.text_field` and
   `apply_chat_template` pick the text (`unsloth_backend.dataset`); labels are
   completion-only; `validation_path` (else 10% held out); `packing`;
-- schedule, batch, optimizer, hardware: `settings.sft_config_kwargs` (SFTConfig),
+- schedule, batch, optimizer, hardware: `arguments.sft_config_kwargs` (SFTConfig),
   `hardware.gpus` -> CUDA_VISIBLE_DEVICES before CUDA starts; `hardware.precision` is
   bf16/fp16 autocast on a GPU, and on CPU whatever unsloth's fallback keeps (logged);
 - progress through the shared reporters (console, file, Prometheus, integrations, the
@@ -50,7 +50,7 @@ from kubetune_trainer.checkpoint import Preempted, Preemption
 from kubetune_trainer.config import ConfigError, RunOptions, check_integrations
 from kubetune_trainer.models import ModelError, local_model_path
 from kubetune_trainer.outputs import finished, job_record, result_path, write_result_with
-from kubetune_trainer.unsloth_backend import settings
+from kubetune_trainer.unsloth_backend import arguments
 from kubetune_trainer.unsloth_backend.reporting import Notes, make_reporter
 
 # bitsandbytes' 8-bit matmul logs this on every forward on CPU; it is expected, not news.
@@ -58,7 +58,7 @@ logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
 
 
 def run(job: ResolvedJob, options: RunOptions) -> Path:
-    section = settings.section_of(job)
+    section = arguments.section_of(job)
     check_integrations(job)
     if finished(job.paths.output, job.output.name):  # a restart after success: nothing to do
         return result_path(job.paths.output, job.output.name)
@@ -71,12 +71,12 @@ def run(job: ResolvedJob, options: RunOptions) -> Path:
 
     datasets.disable_progress_bars()  # per-map bars for a few hundred rows are noise in a job log
     on_gpu = torch.cuda.is_available()
-    if visible is not None and not on_gpu and settings.nvidia_devices_present():
+    if visible is not None and not on_gpu and arguments.nvidia_devices_present():
         raise ConfigError(
             f"hardware.gpus {section.hardware.gpus!r} (CUDA_VISIBLE_DEVICES={visible}) selects no usable GPU on "
             "this machine; fix the indices instead of training on CPU"
         )
-    if not on_gpu and (refusal := settings.cpu_refusal(section)):
+    if not on_gpu and (refusal := arguments.cpu_refusal(section)):
         raise ConfigError(f"{refusal} (this machine has no GPU: unsloth trains on CPU)")
     reporter = make_reporter(job, options)
     try:
@@ -86,18 +86,18 @@ def run(job: ResolvedJob, options: RunOptions) -> Path:
 
             model_path = local_model_path(job.paths.model)
             data = load_sft_data(
-                section, job.paths.training, job.paths.validation, settings.data_tokenizer(section, model_path)
+                section, job.paths.training, job.paths.validation, arguments.data_tokenizer(section, model_path)
             )
             notes.extend(f"warning: {w}" for w in data.warnings)
             if section.model.trust_remote_code:
                 notes.add("model.trust_remote_code is on: the checkpoint's own Python code may run")
-            kwargs = settings.from_pretrained_kwargs(section, model_path)
+            kwargs = arguments.from_pretrained_kwargs(section, model_path)
             with _eight_bit_on_cpu(section.model.load_in_8bit and not on_gpu, notes):
                 model, tokenizer = fast_language_model.from_pretrained(**kwargs)
             _check_quantized(model, section)
 
             # 2. Setup: LoRA (or full weights), SFTConfig, SFTTrainer; resume if a checkpoint exists.
-            lora = settings.peft_kwargs(section)
+            lora = arguments.peft_kwargs(section)
             if lora is not None:
                 model = fast_language_model.get_peft_model(model, **lora)
             setup = _make_trainer(job, options, model, tokenizer, data, reporter, on_gpu, preemption)
@@ -174,7 +174,7 @@ def _select_gpus(gpus: str | None, notes: Notes) -> str | None:
 
     if gpus is not None and torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
         raise ConfigError("hardware.gpus: CUDA was initialised before the trainer could set CUDA_VISIBLE_DEVICES")
-    value = settings.select_gpus(gpus)
+    value = arguments.select_gpus(gpus)
     if value is not None:
         notes.add(f"hardware.gpus {gpus!r}: CUDA_VISIBLE_DEVICES={value}")
     elif gpus is not None:
@@ -229,7 +229,7 @@ def _check_quantized(model: Any, section: Any) -> None:
 @dataclass
 class Setup:
     trainer: Any
-    plan: settings.StepPlan
+    plan: arguments.StepPlan
     progress: Any
     """callbacks.ProgressCallback: emits the run's events."""
     stopper: Any
@@ -254,14 +254,14 @@ def _make_trainer(
     from kubetune_trainer.unsloth_backend.callbacks import CompleteMarker, PreemptionCallback
     from kubetune_trainer.unsloth_backend.callbacks import ProgressCallback as KubetuneProgress
 
-    section = settings.section_of(job)
-    plan = settings.step_plan(section, len(data.train), options.checkpoint_every)
-    output_dir = str(Path(job.paths.output) / settings.CHECKPOINT_DIR)
-    kwargs = settings.sft_config_kwargs(
+    section = arguments.section_of(job)
+    plan = arguments.step_plan(section, len(data.train), options.checkpoint_every)
+    output_dir = str(Path(job.paths.output) / arguments.CHECKPOINT_DIR)
+    kwargs = arguments.sft_config_kwargs(
         section, output_dir, plan, data.validation is not None, options.keep_checkpoints
     )
     args = SFTConfig(**kwargs)
-    restored = settings.restore_job_arguments(args, section, on_cpu=not on_gpu)
+    restored = arguments.restore_job_arguments(args, section, on_cpu=not on_gpu)
     progress = KubetuneProgress(reporter, plan.total_steps, plan.steps_per_epoch, section.schedule.epochs)
     stopper = PreemptionCallback(preemption)
     trainer = SFTTrainer(
@@ -297,7 +297,7 @@ def _describe(section: Any, model: Any, setup: Setup, data: Any, on_gpu: bool) -
     lines = [
         f"device: {device}",
         f"model: {type(inner).__name__}, {quant}, weights {inner.dtype} (model.dtype {section.model.dtype}), "
-        f"compute {settings.effective_precision(args)} (hardware.precision {section.hardware.precision}), "
+        f"compute {arguments.effective_precision(args)} (hardware.precision {section.hardware.precision}), "
         f"gradient checkpointing {'on' if getattr(inner, 'is_gradient_checkpointing', False) else 'off'} "
         f"({section.training.use_gradient_checkpointing})",
         f"{section.training.finetuning_type}: trainable parameters {trainable:,} of {total:,}",
@@ -322,7 +322,7 @@ def _result_info(
     held_out: bool,
     on_gpu: bool,
 ) -> dict[str, Any]:
-    section = settings.section_of(job)
+    section = arguments.section_of(job)
     losses = [entry["loss"] for entry in history if "loss" in entry]
     val_losses = [entry["val_loss"] for entry in history if "val_loss" in entry]
     return {

@@ -160,7 +160,7 @@ def prepare(model: str, workdir: Path) -> tuple[Path, Path, Path]:
     moe = tiny_models.build_moe_model(workdir / "tiny-moe", hidden=128, layers=4)
     if model == "tiny":
         return tiny_models.build_model(workdir / "tiny", hidden=128, layers=4), moe, data
-    from kubetune_trainer.smollm2 import fetch
+    from smollm2 import fetch
 
     return fetch(), moe, data
 

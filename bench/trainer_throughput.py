@@ -64,7 +64,7 @@ def profile_steps() -> Any:
     import torch
     from torch.profiler import ProfilerActivity, profile, schedule
 
-    from kubetune_trainer.automodel.engine import Engine
+    from kubetune_trainer.backends.automodel.engine import Engine
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     profiler = profile(activities=activities, schedule=schedule(wait=1, warmup=1, active=2, repeat=1))

@@ -6,21 +6,23 @@ folder in ``$KUBETUNE_CP_BIN``); a missing binary fails the test, it never skips
 
 from __future__ import annotations
 
-import ast
 import functools
+import os
 import subprocess
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import yaml
+from pydantic_settings import BaseSettings
 
+from kubetune.handlers.settings import OperatorSettings, settings_from_env
 from tests.e2e.controlplane import find_bin_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 CHART = ROOT / "charts" / "kubetune"
-SETTINGS_PY = ROOT / "operator" / "kubetune" / "handlers" / "settings.py"
 
 
 @functools.cache
@@ -54,14 +56,21 @@ def find(objects: list[dict[str, Any]], kind: str, name: str | None = None) -> d
     return matches[0]
 
 
-def settings_env_names(path: Path = SETTINGS_PY) -> set[str]:
-    """Every KUBETUNE_* name settings.py reads: the string constants of its source."""
-    tree = ast.parse(path.read_text(encoding="utf-8"))
-    return {
-        node.value
-        for node in ast.walk(tree)
-        if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.startswith("KUBETUNE_")
-    }
+def settings_env_names() -> set[str]:
+    """Every KUBETUNE_* variable the operator's settings read: each group's prefix plus each field."""
+    names = set()
+    for field in OperatorSettings.model_fields.values():
+        group = field.annotation
+        assert isinstance(group, type) and issubclass(group, BaseSettings)
+        prefix = str(group.model_config.get("env_prefix", ""))
+        names |= {prefix + name.upper() for name in group.model_fields}
+    return names
+
+
+def settings_for(env: Mapping[str, str]) -> OperatorSettings:
+    """The operator's settings in an environment of exactly these variables."""
+    with mock.patch.dict(os.environ, env, clear=True):
+        return settings_from_env()
 
 
 def container_env(deployment: Mapping[str, Any]) -> dict[str, str]:

@@ -42,7 +42,6 @@ authorityKeyIdentifier = keyid
 @dataclass(frozen=True)
 class Certs:
     ca_cert: Path
-    ca_key: Path
     server_cert: Path
     server_key: Path
     sa_key: Path
@@ -91,7 +90,6 @@ def generate_certs(
         f.chmod(0o600)
     return Certs(
         ca_cert=pki / "ca.crt",
-        ca_key=pki / "ca.key",
         server_cert=pki / "apiserver.crt",
         server_key=pki / "apiserver.key",
         sa_key=pki / "sa.key",

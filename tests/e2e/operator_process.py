@@ -68,6 +68,7 @@ class OperatorProcess:
         self.cp, self.log, self.extra_env = cp, log, env
         self.command = list(command or [str(Path(sys.executable).parent / "kubetune"), "operator"])
         self.metrics_port = free_port()
+        self.health_port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -75,9 +76,10 @@ class OperatorProcess:
             **os.environ,
             "KUBECONFIG": str(self.cp.kubeconfig),
             "KUBETUNE_METRICS_PORT": str(self.metrics_port),
+            "KUBETUNE_HEALTH_PORT": str(self.health_port),
             "KUBETUNE_REFERENCE_RETRY_SECONDS": "3",
             # A SIGKILLed replica's peering record blocks its successor for this long.
-            "KUBETUNE_PEERING_LIFETIME": "8",
+            "KUBETUNE_PEERING_LIFETIME_SECONDS": "8",
             # The tests' Models live under /models on the (absent) node; nothing else is allowed.
             "KUBETUNE_ALLOWED_HOST_PATHS": "/models",
             **self.extra_env,
@@ -89,13 +91,13 @@ class OperatorProcess:
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-        wait_for("the operator's /healthz", self._healthy, timeout=60)
+        wait_for("the operator's /healthz (kopf's liveness endpoint)", self._healthy, timeout=60)
 
     def _healthy(self) -> bool:
         if self.process is not None and self.process.poll() is not None:
             raise AssertionError(f"the operator exited with {self.process.returncode}:\n{self.log_tail()}")
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/healthz", timeout=2) as response:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.health_port}/healthz", timeout=2) as response:
                 return bool(response.status == 200)
         except OSError:
             return False

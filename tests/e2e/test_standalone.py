@@ -32,7 +32,13 @@ def bare_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPl
 
 
 def run_operator(cp: ControlPlane, peering: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "KUBECONFIG": str(cp.kubeconfig), "KUBETUNE_METRICS_PORT": "0", "KUBETUNE_PEERING": peering}
+    env = {
+        **os.environ,
+        "KUBECONFIG": str(cp.kubeconfig),
+        "KUBETUNE_METRICS_PORT": "0",
+        "KUBETUNE_HEALTH_PORT": "0",
+        "KUBETUNE_PEERING": peering,
+    }
     kubetune = Path(sys.executable).parent / "kubetune"
     return subprocess.run([str(kubetune), "operator"], env=env, capture_output=True, text=True, timeout=60)
 

@@ -23,7 +23,7 @@ def webhook_operator(
     install_peering(control_plane)
     pki = control_plane.ca_path.parent  # the fixture's CA signed a serving cert for 127.0.0.1
     env = {
-        "KUBETUNE_WEBHOOK": "true",
+        "KUBETUNE_WEBHOOK_ENABLED": "true",
         "KUBETUNE_WEBHOOK_MANAGED": "true",  # no Service here: kopf registers itself by URL
         "KUBETUNE_WEBHOOK_HOST": "127.0.0.1",
         "KUBETUNE_WEBHOOK_PORT": str(free_port()),

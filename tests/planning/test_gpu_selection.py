@@ -11,7 +11,7 @@ import yaml
 from kubetune.cli.documents import load_files
 from kubetune.cli.render import run_render
 from kubetune.planning.validation import validate_job
-from kubetune_trainer.unsloth_backend import arguments
+from kubetune_trainer.backends.unsloth import arguments
 from tests.cases import unsloth
 
 ROOT = Path(__file__).resolve().parents[2]

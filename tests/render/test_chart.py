@@ -9,9 +9,9 @@ every child that kubetune/render/children.py renders.
 from __future__ import annotations
 
 import base64
-import dataclasses
 import io
 import subprocess
+from operator import attrgetter
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +22,12 @@ from kubetune.api.resources import CustomizationJobSpec, Source
 from kubetune.cli.documents import load_files
 from kubetune.cli.render import run_render
 from kubetune.handlers.peering import DEFAULT_NAME as DEFAULT_PEERING
-from kubetune.handlers.settings import OperatorSettings, SettingsError, settings_from_env
+from kubetune.handlers.settings import SettingsError
 from kubetune.planning.layout import compute_layout
 from kubetune.render.children import JobInput, render_children
 from kubetune.render.crds import crd_file_name, custom_resource_definitions, to_yaml
 from tests.cases import CLUSTER_EXAMPLES
-from tests.helmchart import CHART, ROOT, container_env, find, helm, settings_env_names, template
+from tests.helmchart import CHART, ROOT, container_env, find, helm, settings_env_names, settings_for, template
 
 WEBHOOK = {"webhook": {"enabled": True}, "metrics": {"serviceMonitor": {"enabled": True}}}
 NAMESPACED = {"namespaces": ["team-a", "team-b"], "gpuMemoryGiB": 80, "webhook": {"enabled": True}}
@@ -147,7 +147,7 @@ def test_rendered_kinds(variant: str) -> None:
 def test_deployment_env_is_exactly_what_settings_reads(variant: str) -> None:
     env = container_env(find(template(VARIANTS[variant]), "Deployment"))
     assert set(env) == settings_env_names()
-    settings_from_env(env)  # every value parses
+    settings_for(env)  # every value parses
 
 
 @pytest.mark.parametrize(
@@ -156,53 +156,56 @@ def test_deployment_env_is_exactly_what_settings_reads(variant: str) -> None:
         (
             {},
             {
-                "namespaces": (),
-                "gpu_memory_gib": None,
-                "webhook": False,
-                "webhook_host": None,
-                "peering": "kubetune",
-                "allowed_host_paths": (),
+                "watch.namespaces": (),
+                "cluster.gpu_memory_gib": None,
+                "webhook.enabled": False,
+                "webhook.host": None,
+                "watch.peering": "kubetune",
+                "cluster.allowed_host_paths": (),
             },
         ),
-        ({"allowedHostPaths": ["/mnt/models", "/data"]}, {"allowed_host_paths": ("/mnt/models", "/data")}),
+        ({"allowedHostPaths": ["/mnt/models", "/data"]}, {"cluster.allowed_host_paths": ("/mnt/models", "/data")}),
         (
             NAMESPACED,
             {
-                "namespaces": ("team-a", "team-b"),
-                "gpu_memory_gib": 80.0,
-                "webhook": True,
-                "webhook_host": "kt-kubetune-webhook.kubetune-system.svc",
-                "metrics_port": 8080,
+                "watch.namespaces": ("team-a", "team-b"),
+                "cluster.gpu_memory_gib": 80.0,
+                "webhook.enabled": True,
+                "webhook.host": "kt-kubetune-webhook.kubetune-system.svc",
+                "endpoints.metrics_port": 8080,
             },
         ),
         (
             {"gpuMemoryGiB": 79.6, "metrics": {"port": 9090}, "webhook": {"enabled": True, "port": 8443}},
-            {"gpu_memory_gib": 79.6, "metrics_port": 9090, "webhook_port": 8443},
+            {"cluster.gpu_memory_gib": 79.6, "endpoints.metrics_port": 9090, "webhook.port": 8443},
         ),
         (
             {"peering": {"name": "other"}, "referenceRetrySeconds": 5},
-            {"peering": "other", "reference_retry_seconds": 5},
+            {"watch.peering": "other", "watch.reference_retry_seconds": 5},
         ),
-        ({"verbose": True, "peering": {"lifetimeSeconds": 20}}, {"verbose": True, "peering_lifetime_seconds": 20}),
+        (
+            {"verbose": True, "peering": {"lifetimeSeconds": 20}},
+            {"watch.verbose": True, "watch.peering_lifetime_seconds": 20},
+        ),
         (
             WEBHOOK,
             {
-                "webhook_cert_file": "/etc/kubetune/webhook/tls.crt",
-                "webhook_key_file": "/etc/kubetune/webhook/tls.key",
-                "webhook_ca_file": "/etc/kubetune/webhook/ca.crt",
+                "webhook.cert_file": "/etc/kubetune/webhook/tls.crt",
+                "webhook.key_file": "/etc/kubetune/webhook/tls.key",
+                "webhook.ca_file": "/etc/kubetune/webhook/ca.crt",
             },
         ),
         (
             {"webhook": {"enabled": True, "tls": {"existingSecret": "mine"}, "caBundle": "PEM"}},
-            {"webhook_cert_file": "/etc/kubetune/webhook/tls.crt", "webhook_ca_file": None},
+            {"webhook.cert_file": "/etc/kubetune/webhook/tls.crt", "webhook.ca_file": None},
         ),
-        ({}, {"webhook_cert_file": None, "webhook_key_file": None, "webhook_ca_file": None}),
+        ({}, {"webhook.cert_file": None, "webhook.key_file": None, "webhook.ca_file": None}),
     ],
 )
 def test_values_reach_the_operator_settings(values: dict[str, Any], expected: dict[str, Any]) -> None:
-    settings = settings_from_env(container_env(find(template(values), "Deployment")))
+    settings = settings_for(container_env(find(template(values), "Deployment")))
     for key, value in expected.items():
-        assert getattr(settings, key) == value, key
+        assert attrgetter(key)(settings) == value, key
 
 
 @pytest.mark.parametrize(
@@ -229,14 +232,14 @@ def test_values_reach_the_operator_settings(values: dict[str, Any], expected: di
 def test_trainer_settings(
     values: dict[str, Any], image: str, pull_policy: str, gpu: str, backoff: int, interval: float, shm: str
 ) -> None:
-    trainer = settings_from_env(container_env(find(template(values), "Deployment"))).trainer
+    trainer = settings_for(container_env(find(template(values), "Deployment"))).trainer
     assert (trainer.image, trainer.image_pull_policy, trainer.gpu_resource) == (image, pull_policy, gpu)
     assert (trainer.backoff_limit, trainer.progress_interval_seconds, trainer.shm_size) == (backoff, interval, shm)
 
 
 def test_trainer_resources_reach_every_training_container() -> None:
     values = {"trainer": {"resources": {"requests": {"cpu": 8, "memory": "64Gi"}, "limits": {"memory": "96Gi"}}}}
-    trainer = settings_from_env(container_env(find(template(values), "Deployment"))).trainer
+    trainer = settings_for(container_env(find(template(values), "Deployment"))).trainer
     assert trainer.resources == {"requests": {"cpu": "8", "memory": "64Gi"}, "limits": {"memory": "96Gi"}}
     spec = CustomizationJobSpec.model_validate({"automodel": {"model": "m", "dataset": {"training": "d"}}})
     assert spec.automodel is not None
@@ -253,14 +256,17 @@ def test_trainer_resources_reach_every_training_container() -> None:
 @pytest.mark.parametrize("value", ["[1]", '{"limits": 3}', '{"spare": {}}', "{not json"])
 def test_malformed_trainer_resources_are_refused(value: str) -> None:
     with pytest.raises(SettingsError, match="KUBETUNE_TRAINER_RESOURCES"):
-        settings_from_env({"KUBETUNE_TRAINER_RESOURCES": value})
+        settings_for({"KUBETUNE_TRAINER_RESOURCES": value})
 
 
 def test_chart_defaults_match_the_operator_defaults() -> None:
     # A chart that says nothing must run the operator exactly as its own defaults would, except
     # that it names the peering object it creates (so a missing one is an error, not standalone).
-    chart = settings_from_env(container_env(find(template(), "Deployment")))
-    assert chart == dataclasses.replace(OperatorSettings(), peering=DEFAULT_PEERING)
+    chart = settings_for(container_env(find(template(), "Deployment")))
+    defaults = settings_for({})
+    assert chart == defaults.model_copy(
+        update={"watch": defaults.watch.model_copy(update={"peering": DEFAULT_PEERING})}
+    )
 
 
 # --------------------------------------------------------------------------- the pod

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from kubetune.render.children import RUN_AS_USER, TrainerSettings
+from kubetune.render.children import RUN_AS_USER, TrainerPods
 from tests.helmchart import CHART, ROOT
 
 HADOLINT = Path(sys.executable).parent / "hadolint"
@@ -201,7 +201,7 @@ def test_image_versions_follow_the_package() -> None:
     app_version = re.search(r'^appVersion: "([^"]+)"', (CHART / "Chart.yaml").read_text(), re.M)
     assert version and app_version
     assert app_version.group(1) == version.group(1)
-    assert TrainerSettings().image.endswith(f":{version.group(1)}")
+    assert TrainerPods().image.endswith(f":{version.group(1)}")
 
 
 def _ignored(patterns: list[str], path: str) -> bool:

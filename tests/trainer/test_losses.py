@@ -11,7 +11,7 @@ import torch
 
 from kubetune_trainer import batching, losses
 from kubetune_trainer.__main__ import run_job
-from kubetune_trainer.automodel import engine, steps
+from kubetune_trainer.backends.automodel import engine, steps
 from kubetune_trainer.config import RunOptions
 from kubetune_trainer.data import IGNORE_INDEX
 from kubetune_trainer.progress import read_events

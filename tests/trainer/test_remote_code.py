@@ -16,9 +16,9 @@ import pytest
 from conftest import merge  # tests/trainer/conftest.py
 
 from kubetune.api.unsloth import UnslothSpec
+from kubetune_trainer.backends.unsloth import arguments
+from kubetune_trainer.backends.unsloth.dataset import load_sft_data
 from kubetune_trainer.models import load_tokenizer
-from kubetune_trainer.unsloth_backend import arguments
-from kubetune_trainer.unsloth_backend.dataset import load_sft_data
 
 CUSTOM_TOKENIZER = '''
 from transformers import PreTrainedTokenizerFast

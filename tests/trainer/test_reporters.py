@@ -8,11 +8,11 @@ from kubetune.api.automodel import AutomodelSpec
 from kubetune.api.unsloth import UnslothSpec
 from kubetune.planning.layout import compute_layout
 from kubetune.planning.resolved import JobIdentity, ResolvedJob, ResolvedPaths, resolve
-from kubetune_trainer.automodel.engine import make_reporter
+from kubetune_trainer.backends.automodel.engine import make_reporter
+from kubetune_trainer.backends.unsloth.reporting import make_reporter as make_unsloth_reporter
 from kubetune_trainer.config import RunOptions
 from kubetune_trainer.distributed import World
 from kubetune_trainer.kube_status import KubernetesStatusReporter
-from kubetune_trainer.unsloth_backend.reporting import make_reporter as make_unsloth_reporter
 
 
 def _job(section: AutomodelSpec | UnslothSpec) -> ResolvedJob:

@@ -13,7 +13,7 @@ from kubetune.api.automodel import AutomodelSpec
 from kubetune.planning.layout import compute_layout
 from kubetune.planning.memory.estimate import estimate, memory_inputs
 from kubetune_trainer.__main__ import run_job
-from kubetune_trainer.automodel.teacher import FrozenTeacher
+from kubetune_trainer.backends.automodel.teacher import FrozenTeacher
 from kubetune_trainer.config import RunOptions
 from kubetune_trainer.models import load_causal_lm
 from kubetune_trainer.progress import read_events

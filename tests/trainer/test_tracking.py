@@ -24,7 +24,7 @@ from kubetune.api.automodel import AutomodelSpec
 from kubetune.planning.layout import compute_layout
 from kubetune.planning.resolved import JobIdentity, ResolvedPaths, resolve
 from kubetune_trainer.__main__ import run_job
-from kubetune_trainer.automodel.engine import make_reporter
+from kubetune_trainer.backends.automodel.engine import make_reporter
 from kubetune_trainer.config import ConfigError, RunOptions
 from kubetune_trainer.distributed import World
 from kubetune_trainer.kube_status import KubernetesStatusReporter

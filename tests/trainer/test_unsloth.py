@@ -24,12 +24,12 @@ from conftest import merge  # tests/trainer/conftest.py (rootdir-relative import
 from kubetune.api.unsloth import UNSLOTH_TARGET_MODULES
 from kubetune.planning.resolved import JobIdentity, ResolvedJob, ResolvedPaths, resolve
 from kubetune.planning.validation import validate_job
+from kubetune_trainer.backends.unsloth import arguments
+from kubetune_trainer.backends.unsloth.dataset import load_sft_data, to_sample
 from kubetune_trainer.config import ConfigError, RunOptions
 from kubetune_trainer.data import IGNORE_INDEX, ChatSample, DataError, PromptSample, Row, TextSample
 from kubetune_trainer.outputs import read_result
 from kubetune_trainer.progress import read_events
-from kubetune_trainer.unsloth_backend import arguments
-from kubetune_trainer.unsloth_backend.dataset import load_sft_data, to_sample
 
 BASE: dict[str, Any] = {
     "model": {"name": "tiny", "max_seq_length": 64, "load_in_4bit": False, "dtype": "float32"},
@@ -211,8 +211,8 @@ def test_all_weights_trains_full_model(
 def test_sigterm_checkpoints_and_restart_resumes(
     train_unsloth: Callable[..., tuple[Path, dict[str, Any]]], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
+    from kubetune_trainer.backends.unsloth import callbacks
     from kubetune_trainer.checkpoint import Preempted
-    from kubetune_trainer.unsloth_backend import callbacks
 
     original = callbacks.ProgressCallback.on_step_end
 
@@ -246,15 +246,15 @@ def test_sigterm_checkpoints_and_restart_resumes(
 
 @pytest.fixture(scope="module")
 def fast_language_model() -> Any:
-    from kubetune_trainer.unsloth_backend.reporting import Notes
-    from kubetune_trainer.unsloth_backend.sft import import_unsloth
+    from kubetune_trainer.backends.unsloth.reporting import Notes
+    from kubetune_trainer.backends.unsloth.sft import import_unsloth
 
     return import_unsloth(Notes())
 
 
 def load(fast: Any, job: ResolvedJob) -> Any:
-    from kubetune_trainer.unsloth_backend.reporting import Notes
-    from kubetune_trainer.unsloth_backend.sft import _eight_bit_on_cpu
+    from kubetune_trainer.backends.unsloth.reporting import Notes
+    from kubetune_trainer.backends.unsloth.sft import _eight_bit_on_cpu
 
     section = arguments.section_of(job)
     with _eight_bit_on_cpu(section.model.load_in_8bit, Notes()):

@@ -14,6 +14,7 @@ import traceback
 from pathlib import Path
 
 from kubetune.planning.resolved import ResolvedJob
+from kubetune_trainer.backends import backend_for
 from kubetune_trainer.checkpoint import EXIT_PREEMPTED, Preempted
 from kubetune_trainer.config import ConfigError, RunOptions, load_job
 from kubetune_trainer.data import DataError
@@ -26,15 +27,7 @@ EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
 def run_job(job: ResolvedJob, options: RunOptions) -> Path:
     """Run a resolved job in this process (one rank of it under torchrun)."""
     reuse_freed_memory()
-    if job.backend == "automodel":
-        from kubetune_trainer import automodel
-
-        return automodel.run(job, options)
-    if job.backend == "unsloth":
-        from kubetune_trainer import unsloth_backend
-
-        return unsloth_backend.run(job, options)
-    raise ConfigError(f"backend {job.backend!r} is not available in this trainer image")
+    return backend_for(job.backend).run(job, options)
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -35,7 +35,7 @@ class PrometheusReporter:
         self.checkpoints = Counter(
             "kubetune_trainer_checkpoints", "Checkpoints written", list(self.labels), registry=self.registry
         )
-        self.server, self.thread = start_http_server(port, registry=self.registry)
+        self.server, _serving_thread = start_http_server(port, registry=self.registry)
 
     def report(self, event: ProgressEvent) -> None:
         for field, gauge in self.gauges.items():

@@ -220,7 +220,7 @@ def _show_sample(job: ResolvedJob, result: Path, out: TextIO) -> None:
 
     seed = int(read_result(result)["seed"])  # the seed the run used: the same validation split
     if job.unsloth is not None:  # text_field / apply_chat_template decide what a row is
-        from kubetune_trainer.unsloth_backend.dataset import load_samples as load_unsloth_samples
+        from kubetune_trainer.backends.unsloth.dataset import load_samples as load_unsloth_samples
 
         train, validation, _ = load_unsloth_samples(job.unsloth, job.paths.training, job.paths.validation)
     else:

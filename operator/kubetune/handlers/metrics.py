@@ -1,4 +1,4 @@
-"""Prometheus metrics and the health endpoint of the operator.
+"""Prometheus metrics of the operator (the health endpoint is kopf's own, see operator.py).
 
 `kubetune_jobs{phase,backend}` is a gauge over the jobs the operator currently knows,
 kept from the phases it writes (and sees on restart), not from a second list call.
@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import threading
 from collections import Counter as Tally
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 REGISTRY = CollectorRegistry()
 JOBS = Gauge("kubetune_jobs", "CustomizationJobs by phase and backend", ["phase", "backend"], registry=REGISTRY)
@@ -46,6 +45,11 @@ class JobPhases:
             self._jobs[uid] = (phase, backend)
             self._publish()
 
+    def known(self) -> int:
+        """How many jobs this replica has seen (the health probe reports it)."""
+        with self._lock:
+            return len(self._jobs)
+
     def forget(self, uid: str) -> None:
         with self._lock:
             self._jobs.pop(uid, None)
@@ -61,27 +65,6 @@ class JobPhases:
 PHASES = JobPhases()
 
 
-class _Handler(BaseHTTPRequestHandler):
-    def do_GET(self) -> None:
-        if self.path.split("?")[0] == "/metrics":
-            body, kind = generate_latest(REGISTRY), CONTENT_TYPE_LATEST
-        elif self.path.split("?")[0] in ("/healthz", "/readyz"):
-            body, kind = b"ok\n", "text/plain"
-        else:
-            self.send_error(404)
-            return
-        self.send_response(200)
-        self.send_header("Content-Type", kind)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: object) -> None:
-        pass  # scrapes every few seconds would flood the operator's log
-
-
-def serve(port: int, host: str = "0.0.0.0") -> ThreadingHTTPServer:
-    """Serve /metrics and /healthz on a daemon thread; returns the server (port 0 = any free port)."""
-    server = ThreadingHTTPServer((host, port), _Handler)
-    threading.Thread(target=server.serve_forever, name="kubetune-metrics", daemon=True).start()
-    return server
+def serve(port: int, host: str = "0.0.0.0") -> None:
+    """Serve /metrics on a daemon thread (prometheus_client's own server)."""
+    start_http_server(port, addr=host, registry=REGISTRY)

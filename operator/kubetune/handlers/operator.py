@@ -40,10 +40,10 @@ from kubetune.handlers.reconcile import (
     validate_with_references,
 )
 from kubetune.handlers.settings import OperatorSettings, settings_from_env
-from kubetune.planning.lifecycle import condition, merge_conditions
 from kubetune.planning.references import ObjectKey, cluster_source_problem
 from kubetune.planning.rules import IMMUTABLE_MESSAGE, backend_changed
 from kubetune.planning.validation import validate_fileset, validate_model
+from kubetune.render.child_status import condition, merge_conditions
 from kubetune.render.children import ChildNames
 
 log = logging.getLogger(__name__)
@@ -124,8 +124,8 @@ def register(registry: kopf.OperatorRegistry, config: OperatorSettings) -> None:
         *JOBS,
         registry=registry,
         id="recheck-references",
-        interval=config.reference_retry_seconds,
-        initial_delay=config.reference_retry_seconds,
+        interval=config.watch.reference_retry_seconds,
+        initial_delay=config.watch.reference_retry_seconds,
         when=waiting,
     )(reconcile_job)
 
@@ -192,20 +192,14 @@ def register(registry: kopf.OperatorRegistry, config: OperatorSettings) -> None:
 
     kopf.on.delete(*JOBS, registry=registry, id="cancel")(cancelled)
 
-    if config.webhook:
+    if config.webhook.enabled:
 
         def admit(body: kopf.Body, warnings: list[str], memo: kopf.Memo, **kwargs: Any) -> None:
             old = kwargs.get("old")  # kopf passes the old object on UPDATE
             if old and old.get("spec") and backend_changed(old.get("spec"), body.get("spec")):
                 raise kopf.AdmissionError(IMMUTABLE_MESSAGE, code=422)
             op = _op(memo)
-            report, _ = validate_with_references(
-                op.kube,
-                manifest_of(body),
-                op.settings.gpu_memory_gib,
-                op.settings.allowed_host_paths,
-                op.settings.gpu_type,
-            )
+            report, _ = validate_with_references(op.kube, manifest_of(body), op.settings.cluster)
             if not report.valid:
                 metrics.VALIDATION_FAILURES.labels(reason=report.errors[0].reason).inc()
                 raise kopf.AdmissionError("\n".join(f"{e.path}: {e.message}" for e in report.errors), code=422)
@@ -218,7 +212,7 @@ def register(registry: kopf.OperatorRegistry, config: OperatorSettings) -> None:
             # `kubectl apply` of the Model or FileSet, not later at the job that names it.
             validate = validate_model if body.get("kind") == "Model" else validate_fileset
             parsed, _errors = validate(body.get("spec"))  # schema errors are the CRD's to report
-            problem = cluster_source_problem(parsed.source, config.allowed_host_paths) if parsed else None
+            problem = cluster_source_problem(parsed.source, config.cluster.allowed_host_paths) if parsed else None
             if problem:
                 raise kopf.AdmissionError(problem, code=422)
 
@@ -233,26 +227,33 @@ def register(registry: kopf.OperatorRegistry, config: OperatorSettings) -> None:
         settings.persistence.progress_storage = LeanProgressStorage()
         settings.posting.level = logging.WARNING
         settings.watching.server_timeout = 300
-        settings.peering.lifetime = config.peering_lifetime_seconds
-        settings.execution.max_workers = config.workers
+        settings.peering.lifetime = config.watch.peering_lifetime_seconds
+        settings.execution.max_workers = config.watch.workers
         # A burst's memory is what kopf's workers hold (each job's body, diff and patch while
         # it waits for a handler thread): a few workers per handler thread keep them all busy.
         # An idle worker leaves after 1 s instead of 5 s.
-        settings.queueing.worker_limit = KOPF_WORKERS_PER_THREAD * config.workers
+        settings.queueing.worker_limit = KOPF_WORKERS_PER_THREAD * config.watch.workers
         settings.batching.idle_timeout = 1.0
-        if config.webhook:
+        webhook = config.webhook
+        if webhook.enabled:
             settings.admission.server = kopf.WebhookServer(
                 addr="0.0.0.0",
-                port=config.webhook_port,
-                host=config.webhook_host,
-                certfile=config.webhook_cert_file,
-                pkeyfile=config.webhook_key_file,
-                cafile=config.webhook_ca_file,
+                port=webhook.port,
+                host=webhook.host,
+                certfile=webhook.cert_file,
+                pkeyfile=webhook.key_file,
+                cafile=webhook.ca_file,
             )
-            if config.webhook_managed:
+            if webhook.managed:
                 settings.admission.managed = "validate.kubetune.io"
 
     kopf.on.startup(registry=registry)(startup)
+
+    # kopf answers /healthz only while its watch loop runs, with what the probes return.
+    def jobs_known(**_: Any) -> int:
+        return metrics.PHASES.known()
+
+    kopf.on.probe(registry=registry, id="jobs_known")(jobs_known)
     # kopf registers its credential sources on its default registry only; this one needs them too.
     kopf.on.login(registry=registry)(kopf.login_via_client)
 
@@ -273,20 +274,23 @@ def run(settings: OperatorSettings | None = None) -> None:
     """Run the operator until interrupted (`kubetune operator`)."""
     _limit_malloc_arenas()
     settings = settings or settings_from_env()
-    kopf.configure(verbose=settings.verbose)
+    watch = settings.watch
+    kopf.configure(verbose=watch.verbose)
     logging.getLogger("urllib3").setLevel(logging.WARNING)  # one line per API call drowns the handlers' log
     load_config()
-    peering = choose_peering(client.ApiClient(), settings.peering, settings.namespaces)
+    peering = choose_peering(client.ApiClient(), watch.peering, watch.namespaces)
     registry = kopf.OperatorRegistry()
     register(registry, settings)
-    if settings.metrics_port:
-        metrics.serve(settings.metrics_port)
+    if settings.endpoints.metrics_port:
+        metrics.serve(settings.endpoints.metrics_port)
+    health = settings.endpoints.health_port
     # Replicas peer through one KopfPeering object; distinct priorities make exactly one active.
     asyncio.run(
         kopf.operator(
             registry=registry,
-            clusterwide=not settings.namespaces,
-            namespaces=settings.namespaces,
+            clusterwide=not watch.namespaces,
+            namespaces=watch.namespaces,
+            liveness_endpoint=f"http://0.0.0.0:{health}/healthz" if health else None,
             priority=random.randint(1, 2**31 - 1),
             peering_name=peering.name,
             standalone=peering.name is None,

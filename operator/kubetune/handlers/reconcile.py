@@ -30,14 +30,14 @@ from kubetune.api.resources import (
 from kubetune.handlers.events import announce_phase
 from kubetune.handlers.kube import Kube
 from kubetune.handlers.metrics import LAUNCH_LATENCY, PHASES, VALIDATION_FAILURES
-from kubetune.handlers.settings import OperatorSettings
+from kubetune.handlers.settings import ClusterSettings, OperatorSettings
 from kubetune.handlers.waiting import WaitingJobs
-from kubetune.planning.lifecycle import ChildState, batch_job_state, condition, merge_conditions, pytorchjob_state
 from kubetune.planning.memory.estimate import estimate_from_resolved
 from kubetune.planning.memory.verdict import check_memory, memory_report
 from kubetune.planning.references import Catalog, cluster_source_problem, reference_uses
 from kubetune.planning.resolved import base_model_reference, output_model_details, output_name, output_type
 from kubetune.planning.validation import JobReport, validate_fileset, validate_job, validate_model
+from kubetune.render.child_status import ChildState, batch_job_state, condition, merge_conditions, pytorchjob_state
 from kubetune.render.children import ChildNames, JobInput, render_children
 
 log = logging.getLogger(__name__)
@@ -93,21 +93,18 @@ def catalog_for(kube: Kube, report: JobReport, allowed_host_paths: Sequence[str]
 
 
 def validate_with_references(
-    kube: Kube,
-    manifest: Mapping[str, Any],
-    gpu_memory_gib: float | None = None,
-    allowed_host_paths: Sequence[str] = (),
-    gpu_type: str | None = None,
+    kube: Kube, manifest: Mapping[str, Any], cluster: ClusterSettings
 ) -> tuple[JobReport, MemoryStatus | None]:
     """The full validation: schema, rules, references, and the memory pre-flight.
 
     Returns the report and `status.memoryEstimate` (None when numParameters is unknown). A job
     that cannot fit the configured GPU size is an error; one that may not fit, a warning.
     """
+    gpu_memory_gib, gpu_type = cluster.gpu_memory_gib, cluster.gpu_type
     report = validate_job(manifest, gpu_type=gpu_type)
     if not report.valid:
         return report, None
-    report = validate_job(manifest, catalog_for(kube, report, allowed_host_paths), gpu_type)
+    report = validate_job(manifest, catalog_for(kube, report, cluster.allowed_host_paths), gpu_type)
     section = report.section
     if not report.valid or section is None or report.layout is None or report.references is None:
         return report, None
@@ -131,9 +128,7 @@ def launch(op: Operator, body: Mapping[str, Any]) -> CustomizationJobStatus:
     op.waiting.done((namespace, name))  # until it is found waiting again, below
     if status.get("phase") in TERMINAL_PHASES:
         return CustomizationJobStatus()  # a finished job is never relaunched
-    report, memory = validate_with_references(
-        op.kube, manifest_of(body), op.settings.gpu_memory_gib, op.settings.allowed_host_paths, op.settings.gpu_type
-    )
+    report, memory = validate_with_references(op.kube, manifest_of(body), op.settings.cluster)
     conditions = status.get("conditions")
     if not report.valid:
         reason = report.errors[0].reason

@@ -16,7 +16,9 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
-from typing import Any
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from kubetune.api.common import GROUP_VERSION
 from kubetune.api.resources import DATA_FILE_SUFFIXES, CustomizationJobSpec, Source
@@ -43,20 +45,27 @@ CONTAINER = "pytorch"  # the training-operator finds the training container by t
 RUN_AS_USER = 1000
 
 
-@dataclass(frozen=True)
-class TrainerSettings:
-    """Operator-wide settings for the pods it launches (Helm values)."""
+Quantity = Annotated[str, BeforeValidator(lambda amount: str(amount) if isinstance(amount, int | float) else amount)]
+"""A Kubernetes quantity (`4`, `16Gi`, `500m`); JSON numbers are taken as written."""
+
+
+class TrainerPods(BaseModel):
+    """How the operator shapes every trainer pod, whatever the job (the operator's settings,
+    from the Helm values; handlers/settings.py reads them from the environment)."""
+
+    model_config = ConfigDict(frozen=True)
 
     image: str = "ghcr.io/kubetune/trainer:0.1.0"
-    image_pull_policy: str = "IfNotPresent"
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
     gpu_resource: str = "nvidia.com/gpu"
-    backoff_limit: int = 3
+    """The extended resource a node advertises its GPUs as (the device plugin's name)."""
+    backoff_limit: int = Field(3, ge=0)
     """Pod restarts before the job fails; each restart resumes from the newest checkpoint."""
-    progress_interval_seconds: float = 10.0
+    progress_interval_seconds: float = Field(10.0, gt=0)
     """How often the trainer patches status.progress (NeMo throttles to 10 s too)."""
     shm_size: str = "8Gi"
     """/dev/shm for NCCL and data loader workers (the container default of 64 Mi is too small)."""
-    resources: dict[str, dict[str, str]] = field(default_factory=dict)
+    resources: dict[Literal["requests", "limits"], dict[str, Quantity]] = {}
     """CPU/memory ``requests`` and ``limits`` of every training container; the GPUs are added per job."""
 
 
@@ -154,9 +163,9 @@ def resolved_config(job: JobInput) -> ResolvedJob:
     )
 
 
-def render_children(job: JobInput, settings: TrainerSettings | None = None) -> list[dict[str, Any]]:
+def render_children(job: JobInput, pods: TrainerPods | None = None) -> list[dict[str, Any]]:
     """Every child object of a job, in creation order."""
-    settings = settings or TrainerSettings()
+    pods = pods or TrainerPods()
     names = ChildNames(job.name)
     config = resolved_config(job)
     children = [
@@ -169,9 +178,9 @@ def render_children(job: JobInput, settings: TrainerSettings | None = None) -> l
         children.append(_output_claim(job, names))
     children.append(_config_map(job, names, config))
     if job.spec.backend == "automodel":
-        children.append(_pytorch_job(job, names, settings))
+        children.append(_pytorch_job(job, names, pods))
     else:
-        children.append(_batch_job(job, names, settings))
+        children.append(_batch_job(job, names, pods))
     return children
 
 
@@ -262,7 +271,7 @@ def _config_map(job: JobInput, names: ChildNames, config: ResolvedJob) -> dict[s
 
 
 def _pod_template(
-    job: JobInput, names: ChildNames, settings: TrainerSettings, gpus: int, command: list[str], restart_policy: str
+    job: JobInput, names: ChildNames, pods: TrainerPods, gpus: int, command: list[str], restart_policy: str
 ) -> dict[str, Any]:
     storage = job.spec.storage
     output_claim = storage.claimName if storage and storage.claimName else names.output_claim
@@ -275,7 +284,7 @@ def _pod_template(
         {"name": "output", "persistentVolumeClaim": {"claimName": output_claim}},
         {"name": "tmp", "emptyDir": {}},
         {"name": "cache", "emptyDir": {}},
-        {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": settings.shm_size}},
+        {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": pods.shm_size}},
         *(v for v in (m.volume() for m in mounts) if v is not None),
     ]
     volume_mounts = [
@@ -290,7 +299,7 @@ def _pod_template(
         {"name": "KUBETUNE_JOB_NAME", "value": job.name},
         {"name": "KUBETUNE_JOB_NAMESPACE", "value": job.namespace},
         {"name": "KUBETUNE_PROGRESS", "value": "kubernetes"},
-        {"name": "KUBETUNE_PROGRESS_INTERVAL", "value": str(settings.progress_interval_seconds)},
+        {"name": "KUBETUNE_PROGRESS_INTERVAL", "value": str(pods.progress_interval_seconds)},
         # Every progress event, one JSON line each, next to the checkpoints: the loss curve
         # outlives the pod (status.progress holds only the newest values).
         {"name": "KUBETUNE_PROGRESS_FILE", "value": f"{MOUNT_OUTPUT}/{PROGRESS_FILE}"},
@@ -302,9 +311,9 @@ def _pod_template(
         *secret_env(job.spec, job.namespace),
         *hub_token_env(job.sources),  # tracking credentials, never in the ConfigMap
     ]
-    resources = {kind: dict(amounts) for kind, amounts in settings.resources.items() if amounts}
+    resources = {kind: dict(amounts) for kind, amounts in pods.resources.items() if amounts}
     if gpus:
-        resources["limits"] = {**resources.get("limits", {}), settings.gpu_resource: str(gpus)}
+        resources["limits"] = {**resources.get("limits", {}), pods.gpu_resource: str(gpus)}
     pod_spec: dict[str, Any] = {
         "serviceAccountName": names.service_account,
         "restartPolicy": restart_policy,
@@ -318,8 +327,8 @@ def _pod_template(
         "containers": [
             {
                 "name": CONTAINER,
-                "image": settings.image,
-                "imagePullPolicy": settings.image_pull_policy,
+                "image": pods.image,
+                "imagePullPolicy": pods.image_pull_policy,
                 "command": command,
                 "env": env,
                 "resources": resources,
@@ -344,14 +353,14 @@ def _pod_template(
     return {"metadata": {"labels": labels(job)}, "spec": pod_spec}
 
 
-def _pytorch_job(job: JobInput, names: ChildNames, settings: TrainerSettings) -> dict[str, Any]:
+def _pytorch_job(job: JobInput, names: ChildNames, pods: TrainerPods) -> dict[str, Any]:
     section = job.spec.automodel
     assert section is not None
     parallelism = section.parallelism
     # torchrun takes --nnodes, --node_rank, --master_addr/port and --nproc_per_node from the
     # PET_* variables the training-operator injects into every replica.
     command = ["torchrun", "-m", "kubetune_trainer", "--config", MOUNT_CONFIG]
-    template = _pod_template(job, names, settings, parallelism.num_gpus_per_node, command, "OnFailure")
+    template = _pod_template(job, names, pods, parallelism.num_gpus_per_node, command, "OnFailure")
     replica_specs: dict[str, Any] = {"Master": {"replicas": 1, "restartPolicy": "OnFailure", "template": template}}
     if parallelism.num_nodes > 1:
         replica_specs["Worker"] = {
@@ -366,7 +375,7 @@ def _pytorch_job(job: JobInput, names: ChildNames, settings: TrainerSettings) ->
         "spec": {
             "nprocPerNode": str(parallelism.num_gpus_per_node),
             "runPolicy": {
-                "backoffLimit": settings.backoff_limit,
+                "backoffLimit": pods.backoff_limit,
                 "suspend": job.spec.suspend,
                 "cleanPodPolicy": "None",
             },
@@ -380,17 +389,17 @@ def unsloth_gpu_count(section: UnslothSpec) -> int:
     return UNSLOTH_GPUS
 
 
-def _batch_job(job: JobInput, names: ChildNames, settings: TrainerSettings) -> dict[str, Any]:
+def _batch_job(job: JobInput, names: ChildNames, pods: TrainerPods) -> dict[str, Any]:
     section = job.spec.unsloth
     assert section is not None
     command = ["python", "-m", "kubetune_trainer", "--config", MOUNT_CONFIG]
-    template = _pod_template(job, names, settings, unsloth_gpu_count(section), command, "Never")
+    template = _pod_template(job, names, pods, unsloth_gpu_count(section), command, "Never")
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
         "metadata": _metadata(job, names.workload),
         "spec": {
-            "backoffLimit": settings.backoff_limit,
+            "backoffLimit": pods.backoff_limit,
             "suspend": job.spec.suspend,
             "completions": 1,
             "parallelism": 1,

@@ -444,7 +444,7 @@ def _activations(inputs: MemoryInputs, layout: Layout, shape: ModelShape, notes:
 
 def teacher_weight_bytes(inputs: MemoryInputs) -> float:
     """Teacher weights on one GPU: a whole, unsharded copy (every rank holds one), or one layer
-    when offloaded (kubetune_trainer/automodel/teacher.py streams it layer by layer)."""
+    when offloaded (kubetune_trainer/backends/automodel/teacher.py streams it layer by layer)."""
     if inputs.teacher_parameters is None:
         return 0.0
     t = float(inputs.teacher_parameters)

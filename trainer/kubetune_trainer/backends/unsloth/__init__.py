@@ -15,6 +15,6 @@ from kubetune_trainer.config import RunOptions
 
 def run(job: ResolvedJob, options: RunOptions) -> Path:
     """Train the job; returns the result folder."""
-    from kubetune_trainer.unsloth_backend import sft
+    from kubetune_trainer.backends.unsloth import sft
 
     return sft.run(job, options)

@@ -28,7 +28,7 @@ import torch
 
 from kubetune.api.automodel import AutomodelSpec
 from kubetune.planning.resolved import ResolvedJob
-from kubetune_trainer.automodel.steps import StepRunner
+from kubetune_trainer.backends.automodel.steps import StepRunner
 from kubetune_trainer.batching import StepSchedule, as_sequences, validation_batches
 from kubetune_trainer.checkpoint import CheckpointStore, Preempted, Preemption, load_rng, save_rng
 from kubetune_trainer.config import RunOptions

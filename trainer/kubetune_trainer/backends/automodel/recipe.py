@@ -18,7 +18,7 @@ from typing import Any
 from torch import nn
 
 from kubetune.planning.resolved import ResolvedJob
-from kubetune_trainer.automodel.engine import Engine, RunContext, lora_settings, seed_everything, start_run
+from kubetune_trainer.backends.automodel.engine import Engine, RunContext, lora_settings, seed_everything, start_run
 from kubetune_trainer.checkpoint import Preemption
 from kubetune_trainer.config import RunOptions, check_model_split, check_supported
 from kubetune_trainer.data import Splits, load_splits

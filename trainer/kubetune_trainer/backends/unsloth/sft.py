@@ -14,7 +14,7 @@ Features (every field of `spec.unsloth`; the table is in docs/trainer-unsloth.md
   target_modules, bias, use_rslora, random_state), `use_gradient_checkpointing`
   (`unsloth` / true / false); `all_weights` trains every weight, unquantized;
 - data: `kubetune_trainer.data` reads and checks the rows; `dataset.text_field` and
-  `apply_chat_template` pick the text (`unsloth_backend.dataset`); labels are
+  `apply_chat_template` pick the text (`backends.unsloth.dataset`); labels are
   completion-only; `validation_path` (else 10% held out); `packing`;
 - schedule, batch, optimizer, hardware: `arguments.sft_config_kwargs` (SFTConfig),
   `hardware.gpus` -> CUDA_VISIBLE_DEVICES before CUDA starts; `hardware.precision` is
@@ -22,7 +22,7 @@ Features (every field of `spec.unsloth`; the table is in docs/trainer-unsloth.md
 - progress through the shared reporters (console, file, Prometheus, integrations, the
   job's status in a cluster); checkpoints every `save_steps` (null: about 10 per run) and
   on SIGTERM; a restart resumes from the newest complete checkpoint;
-- the result per `output.save_method` (`unsloth_backend.save`) plus kubetune.json.
+- the result per `output.save_method` (`backends.unsloth.save`) plus kubetune.json.
 
 Raises:
 - `ConfigError`: unsloth cannot be imported (the reason is in the message: kubetune never
@@ -46,12 +46,12 @@ from pathlib import Path
 from typing import Any
 
 from kubetune.planning.resolved import ResolvedJob
+from kubetune_trainer.backends.unsloth import arguments
+from kubetune_trainer.backends.unsloth.reporting import Notes, make_reporter
 from kubetune_trainer.checkpoint import Preempted, Preemption
 from kubetune_trainer.config import ConfigError, RunOptions, check_integrations
 from kubetune_trainer.models import ModelError, local_model_path
 from kubetune_trainer.outputs import finished, job_record, result_path, write_result_with
-from kubetune_trainer.unsloth_backend import arguments
-from kubetune_trainer.unsloth_backend.reporting import Notes, make_reporter
 
 # bitsandbytes' 8-bit matmul logs this on every forward on CPU; it is expected, not news.
 logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
@@ -82,7 +82,7 @@ def run(job: ResolvedJob, options: RunOptions) -> Path:
     try:
         with Preemption() as preemption:
             # 1. Load: tokenizer and every data row first, so bad data fails before the model loads.
-            from kubetune_trainer.unsloth_backend.dataset import load_sft_data
+            from kubetune_trainer.backends.unsloth.dataset import load_sft_data
 
             model_path = local_model_path(job.paths.model)
             data = load_sft_data(
@@ -105,7 +105,7 @@ def run(job: ResolvedJob, options: RunOptions) -> Path:
             notes.add(_describe(section, model, setup, data, on_gpu))
             notes.flush(reporter, plan.total_steps)
             checkpoints = Path(trainer.args.output_dir)
-            from kubetune_trainer.unsloth_backend.callbacks import latest_complete, remove_incomplete
+            from kubetune_trainer.backends.unsloth.callbacks import latest_complete, remove_incomplete
 
             for removed in remove_incomplete(checkpoints):
                 progress.emit("start", 0, message=f"removed {removed}: a save that did not finish")
@@ -123,7 +123,7 @@ def run(job: ResolvedJob, options: RunOptions) -> Path:
                 trainer.evaluate()
 
             # 4. Save: the result per output.save_method, plus kubetune.json.
-            from kubetune_trainer.unsloth_backend import save
+            from kubetune_trainer.backends.unsloth import save
 
             route = save.route(section, model)
             info = _result_info(job, trainer, output, progress.history, seconds, route, data.held_out, on_gpu)
@@ -143,7 +143,7 @@ def run(job: ResolvedJob, options: RunOptions) -> Path:
 
 
 def _save(model: Any, tokenizer: Any, folder: Path, section: Any, base_path: str) -> None:
-    from kubetune_trainer.unsloth_backend import save
+    from kubetune_trainer.backends.unsloth import save
 
     save.write(model, tokenizer, folder, section, base_path)
 
@@ -251,8 +251,8 @@ def _make_trainer(
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
     from trl import SFTConfig, SFTTrainer  # type: ignore[attr-defined]  # unsloth's CPU subclass on CPU
 
-    from kubetune_trainer.unsloth_backend.callbacks import CompleteMarker, PreemptionCallback
-    from kubetune_trainer.unsloth_backend.callbacks import ProgressCallback as KubetuneProgress
+    from kubetune_trainer.backends.unsloth.callbacks import CompleteMarker, PreemptionCallback
+    from kubetune_trainer.backends.unsloth.callbacks import ProgressCallback as KubetuneProgress
 
     section = arguments.section_of(job)
     plan = arguments.step_plan(section, len(data.train), options.checkpoint_every)

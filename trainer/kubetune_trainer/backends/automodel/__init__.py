@@ -12,9 +12,9 @@ def run(job: ResolvedJob, options: RunOptions) -> Path:
     """Train the job; returns the result folder (on every rank)."""
     section = automodel_section(job)
     if section.training.training_type == "distillation":
-        from kubetune_trainer.automodel import distill
+        from kubetune_trainer.backends.automodel import distill
 
         return distill.run(job, options)
-    from kubetune_trainer.automodel import sft
+    from kubetune_trainer.backends.automodel import sft
 
     return sft.run(job, options)

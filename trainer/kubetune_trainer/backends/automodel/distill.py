@@ -26,10 +26,10 @@ from typing import Any
 import torch
 
 from kubetune.planning.resolved import ResolvedJob
-from kubetune_trainer.automodel.engine import Engine, RunContext, save_output
-from kubetune_trainer.automodel.recipe import load_student, note_start, run_recipe, setup_student
-from kubetune_trainer.automodel.steps import LossFn, make_runner
-from kubetune_trainer.automodel.teacher import FrozenTeacher
+from kubetune_trainer.backends.automodel.engine import Engine, RunContext, save_output
+from kubetune_trainer.backends.automodel.recipe import load_student, note_start, run_recipe, setup_student
+from kubetune_trainer.backends.automodel.steps import LossFn, make_runner
+from kubetune_trainer.backends.automodel.teacher import FrozenTeacher
 from kubetune_trainer.checkpoint import Preemption
 from kubetune_trainer.config import ConfigError, RunOptions
 from kubetune_trainer.losses import distillation_sums

@@ -30,9 +30,9 @@ from typing import Any
 import torch
 
 from kubetune.planning.resolved import ResolvedJob
-from kubetune_trainer.automodel.engine import Engine, RunContext, save_output
-from kubetune_trainer.automodel.recipe import load_student, note_start, run_recipe, setup_student
-from kubetune_trainer.automodel.steps import make_runner
+from kubetune_trainer.backends.automodel.engine import Engine, RunContext, save_output
+from kubetune_trainer.backends.automodel.recipe import load_student, note_start, run_recipe, setup_student
+from kubetune_trainer.backends.automodel.steps import make_runner
 from kubetune_trainer.checkpoint import Preemption
 from kubetune_trainer.config import RunOptions
 from kubetune_trainer.losses import cross_entropy_sum, linear_cross_entropy_sum

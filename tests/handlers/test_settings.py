@@ -37,7 +37,10 @@ def test_a_variable_sets_its_field(env: dict[str, str], path: str, expected: obj
     [
         ({"KUBETUNE_WORKERS": "many"}, ["KUBETUNE_WORKERS='many'", "integer"]),
         ({"KUBETUNE_WORKERS": "0"}, ["KUBETUNE_WORKERS='0'", "greater than or equal to 1"]),
-        ({"KUBETUNE_ALLOWED_HOST_PATHS": "/ok,relative"}, ["KUBETUNE_ALLOWED_HOST_PATHS", "relative is not an absolute"]),
+        (
+            {"KUBETUNE_ALLOWED_HOST_PATHS": "/ok,relative"},
+            ["KUBETUNE_ALLOWED_HOST_PATHS", "relative is not an absolute"],
+        ),
         ({"KUBETUNE_WEBHOOK_ENABLED": "maybe"}, ["KUBETUNE_WEBHOOK_ENABLED='maybe'", "boolean"]),
         ({"KUBETUNE_TRAINER_IMAGE_PULL_POLICY": "Sometimes"}, ["KUBETUNE_TRAINER_IMAGE_PULL_POLICY", "IfNotPresent"]),
         ({"KUBETUNE_TRAINER_PROGRESS_INTERVAL_SECONDS": "0"}, ["KUBETUNE_TRAINER_PROGRESS_INTERVAL_SECONDS"]),

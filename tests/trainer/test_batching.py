@@ -74,11 +74,11 @@ def test_padding_never_carries_labels_or_attention(examples: list[Example]) -> N
 @pytest.mark.parametrize(("world", "micro"), [(1, 1), (1, 4), (2, 2), (4, 1)])
 def test_the_global_batch_is_the_same_whatever_the_split(examples: list[Example], world: int, micro: int) -> None:
     sequences = as_sequences(examples, packing=False, max_length=64, seed=0)
-    reference = StepSchedule(sequences, 8, 8, 0, 1, seed=5, pad_id=0, packed=False)
+    reference = StepSchedule(sequences, 8, 1, 0, 1, seed=5, pad_id=0, packed=False)
     for step in range(3):  # crosses an epoch boundary (14 examples: 1 step per epoch)
         seen = []
         for rank in range(world):
-            schedule = StepSchedule(sequences, 8, micro, rank, world, seed=5, pad_id=0, packed=False)
+            schedule = StepSchedule(sequences, micro, 8 // (micro * world), rank, world, seed=5, pad_id=0, packed=False)
             assert len(schedule.micro_batches(step)) == 8 // (micro * world)
             for batch in schedule.micro_batches(step):
                 seen += batch.input_ids.tolist()
@@ -98,7 +98,7 @@ def test_validation_gives_every_rank_the_same_number_of_batches(examples: list[E
 
 def test_unpacked_micro_batches_are_grouped_by_length(examples: list[Example]) -> None:
     sequences = as_sequences(examples, packing=False, max_length=64, seed=0)
-    schedule = StepSchedule(sequences, 8, 2, 0, 1, seed=5, pad_id=0, packed=False)
+    schedule = StepSchedule(sequences, 2, 4, 0, 1, seed=5, pad_id=0, packed=False)
     global_batch = [sequences[i] for i in schedule.global_indices(0)]
     lengths = sorted(len(row[0]) for row in global_batch)
     widths = [batch.input_ids.shape[1] for batch in schedule.micro_batches(0)]

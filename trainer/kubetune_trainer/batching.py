@@ -127,23 +127,23 @@ class StepSchedule:
     def __init__(
         self,
         sequences: Sequence[PackedSequence],
-        global_batch_size: int,
         micro_batch_size: int,
+        accumulation: int,
         dp_rank: int,
         dp_size: int,
         seed: int,
         pad_id: int,
         packed: bool,
     ) -> None:
-        if global_batch_size % (micro_batch_size * dp_size):
-            raise ValueError("global_batch_size must be a multiple of micro_batch_size × data_parallel_size")
+        """`accumulation` is the layout's gradient_accumulation_steps (planning/layout.py divides
+        the global batch); the global batch is micro × accumulation × data-parallel size."""
         self.sequences = sequences
-        self.global_batch_size = global_batch_size
+        self.global_batch_size = micro_batch_size * accumulation * dp_size
         self.micro_batch_size = micro_batch_size
+        self.accumulation = accumulation
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self.seed, self.pad_id, self.packed = seed, pad_id, packed
-        self.accumulation = global_batch_size // (micro_batch_size * dp_size)
-        self.steps_per_epoch = len(sequences) // global_batch_size
+        self.steps_per_epoch = len(sequences) // self.global_batch_size
         self._epoch_order: tuple[int, list[int]] | None = None
 
     def order(self, epoch: int) -> list[int]:

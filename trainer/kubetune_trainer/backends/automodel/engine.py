@@ -184,11 +184,18 @@ class Engine:
                 f"fewer than batch.global_batch_size {batch.global_batch_size}: add data or lower the batch size"
             )
         # Ranks with the same dp coordinate (TP, CP and PP peers) train on the same sequences.
-        dp, dp_rank = ctx.job.layout.data_parallel_size, world.mesh.data_rank
+        layout, dp_rank = ctx.job.layout, world.mesh.data_rank
+        dp = layout.data_parallel_size
         self.schedule = StepSchedule(
-            train_sequences, batch.global_batch_size, batch.micro_batch_size, dp_rank, dp, ctx.seed, pad_id, packing
+            train_sequences,
+            batch.micro_batch_size,
+            layout.gradient_accumulation_steps,
+            dp_rank,
+            dp,
+            ctx.seed,
+            pad_id,
+            packing,
         )
-        assert self.schedule.accumulation == ctx.job.layout.gradient_accumulation_steps
         val_sequences = as_sequences(splits.validation, packing, length, ctx.seed)
         self.val_batches = validation_batches(val_sequences, batch.micro_batch_size, dp_rank, dp, pad_id, packing)
         self.plan = make_plan(section, self.schedule.steps_per_epoch, ctx.options.checkpoint_every)

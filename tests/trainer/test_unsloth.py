@@ -9,6 +9,7 @@ arguments exactly as the backend does, and check what each field changed.
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -388,13 +389,21 @@ def test_packing_packs_without_crossing_examples(
 
     job = unsloth_job(tmp_path, tiny_model, task_data, {"dataset": {"packing": True}})
     args = sft_args(job)
-    assert args.packing is True  # unsloth's CPU fallback turns it off; kubetune keeps the job's value
+    # unsloth's CPU fallback turns padding-free rows off; kubetune keeps them for packed rows.
+    assert args.padding_free is True and args.packing is False  # kubetune packs, not TRL
     model = fast_language_model.get_peft_model(load(fast_language_model, job), r=4)
     data = load_sft_data(arguments.section_of(job), str(task_data), None, _tokenizer(tiny_model))
+    lengths = data.train["seq_lengths"]  # tokens of each example in each packed row
+    examples = sum(len(row) for row in lengths)
+    assert len(data.train) < examples / 3  # many short examples per 64-token row (batching.pack)
+    assert all(sum(row) <= 64 for row in lengths)
     trainer = SFTTrainer(model=model, args=args, train_dataset=data.train, processing_class=_tokenizer(tiny_model))
-    assert len(trainer.train_dataset) < len(data.train) / 3  # many short examples per 64-token row
+    assert len(trainer.train_dataset) == len(data.train)  # TRL did not pack again
     batch = next(iter(trainer.get_train_dataloader()))
     assert "position_ids" in batch and "attention_mask" not in batch  # padding-free packed rows
+    starts = batch["position_ids"][0] == 0  # positions restart at each example...
+    assert int(starts.sum()) > args.per_device_train_batch_size  # ...several per packed row
+    assert (batch["labels"][0][starts] == -100).all()  # no example predicts the next one's first token
     # Packed rows must not attend across examples: logits equal those of the examples alone.
     base = model.get_base_model().eval()
     a, b = torch.tensor([[5, 6, 7, 8, 9]]), torch.tensor([[10, 11, 12]])
@@ -404,6 +413,18 @@ def test_packing_packs_without_crossing_examples(
             input_ids=torch.cat([a, b], 1), position_ids=torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2]]), use_cache=False
         ).logits[0, 5:]
     assert (alone - packed).abs().max() < 1e-4
+
+
+def test_a_packed_job_reports_the_steps_it_runs(train_unsloth: Callable[..., tuple[Path, dict[str, Any]]]) -> None:
+    # Two epochs by count, not max_steps: the steps are counted on the packed rows, the ones the
+    # Trainer iterates (unpacked, 2 epochs of the 144 training rows would be 2 × 18 steps of 8).
+    folder, info = train_unsloth({"dataset": {"packing": True}, "schedule": {"epochs": 2, "max_steps": None}})
+    seen = events(folder)
+    steps = [e.step for e in seen if e.kind == "step"]
+    assert 2 <= len(steps) < 18 and steps == list(range(1, len(steps) + 1))
+    assert all(e.max_steps == len(steps) for e in seen if e.kind == "step")
+    assert math.isfinite(info["metrics"]["train_loss"])
+    assert "packing True" in notes(folder) and "padding_free=True (packed rows)" in notes(folder)
 
 
 def test_paged_adamw_8bit_is_refused_on_cpu(train_unsloth: Callable[..., tuple[Path, dict[str, Any]]]) -> None:

@@ -173,10 +173,13 @@ def sft_config_kwargs(
         "optim": optimizer.optim,
         "bf16": section.hardware.precision == "bf16",
         "fp16": section.hardware.precision == "fp16",
-        "max_length": section.model.max_seq_length,
-        "packing": section.dataset.packing,
-        # The data arrives tokenized (kubetune_trainer.data: completion-only labels), so TRL
-        # neither templates nor re-tokenizes; it truncates, packs and collates.
+        # The data arrives tokenized and truncated (kubetune_trainer.data: completion-only
+        # labels), and packed when dataset.packing (backends/unsloth/dataset.py), so TRL
+        # neither templates, re-tokenizes nor packs: it collates. Packed rows are laid out
+        # padding-free (TRL refuses a max_length then: the rows already fit it).
+        "max_length": None if section.dataset.packing else section.model.max_seq_length,
+        "packing": False,
+        "padding_free": section.dataset.packing,
         "dataset_num_proc": None,
         "report_to": "none",  # progress goes through kubetune's reporters (and its integrations)
         "disable_tqdm": True,  # kubetune draws its own progress bar
@@ -208,10 +211,11 @@ def restore_job_arguments(args: Any, section: UnslothSpec, on_cpu: bool) -> list
     - optim: unsloth swaps every 8-bit optimizer for fused AdamW on CPU, but bitsandbytes
       0.50's `AdamW8bit` has CPU kernels (8-bit uint8 state; tested), so `adamw_8bit` runs
       as asked. (`paged_adamw_8bit` is refused on CPU before this, see `cpu_refusal`.)
-    - packing: unsloth turns it off on CPU because "SDPA attends across examples". With
-      transformers 5 that is not so in training: packed rows carry position ids, no attention
-      mask and no KV cache, and transformers builds a block-diagonal causal mask from the
-      position ids (tested: packed logits equal separate ones to 1e-7).
+    - padding_free (the layout of packed rows): unsloth turns it off on CPU because "SDPA
+      attends across examples". With transformers 5 that is not so in training: packed rows
+      carry position ids, no attention mask and no KV cache, and transformers builds a
+      block-diagonal causal mask from the position ids (tested: packed logits equal separate
+      ones to 1e-7).
     """
     if not on_cpu:
         return []
@@ -219,9 +223,9 @@ def restore_job_arguments(args: Any, section: UnslothSpec, on_cpu: bool) -> list
     if str(getattr(args.optim, "value", args.optim)) != section.optimizer.optim:
         args.optim = section.optimizer.optim
         restored.append(f"optim={section.optimizer.optim}")
-    if section.dataset.packing and not args.packing:
-        args.packing = True
-        restored.append("packing=True")
+    if section.dataset.packing and not args.padding_free:
+        args.padding_free = True
+        restored.append("padding_free=True (packed rows)")
     return restored
 
 

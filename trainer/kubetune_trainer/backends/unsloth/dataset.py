@@ -13,7 +13,9 @@ make of it:
   without the template is refused (it has no text form of its own).
 
 The result has `input_ids` and `labels` columns, so TRL neither templates nor
-re-tokenizes: it truncates to `max_length`, packs (when `dataset.packing`) and collates.
+re-tokenizes. With `dataset.packing` the examples are packed here, by the packer both
+backends share (`kubetune_trainer.batching.pack`), and TRL's padding-free collator lays
+the packed rows out; TRL's own packing stays off.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kubetune.api.unsloth import UnslothSpec
+from kubetune_trainer.batching import as_sequences
 from kubetune_trainer.data import (
     ChatSample,
     DataError,
@@ -42,7 +45,8 @@ from kubetune_trainer.data import (
 @dataclass
 class SftData:
     train: Any
-    """datasets.Dataset with input_ids and labels."""
+    """datasets.Dataset with input_ids and labels (and seq_lengths when packed): one row per
+    example, or per packed sequence."""
     validation: Any | None
     train_samples: list[Sample]
     held_out: bool
@@ -101,10 +105,21 @@ def load_samples(
     return [train[i] for i in train_idx], [train[i] for i in val_idx], True
 
 
-def as_dataset(examples: Sequence[Example]) -> Any:
+def as_dataset(examples: Sequence[Example], packing: bool, max_length: int, seed: int) -> Any:
+    """One row per example; packed, one row per sequence of `batching.pack` (the automodel
+    backend's packer too) in TRL's packed-row form: the examples' tokens end to end and
+    `seq_lengths`, from which TRL's padding-free collator restarts the positions per example
+    (and masks each example's first label)."""
     from datasets import Dataset
 
-    return Dataset.from_dict({"input_ids": [e.input_ids for e in examples], "labels": [e.labels for e in examples]})
+    rows = as_sequences(examples, packing, max_length, seed)
+    columns: dict[str, list[Any]] = {
+        "input_ids": [[token for e in row for token in e.input_ids] for row in rows],
+        "labels": [[label for e in row for label in e.labels] for row in rows],
+    }
+    if packing:
+        columns["seq_lengths"] = [[len(e) for e in row] for row in rows]
+    return Dataset.from_dict(columns)
 
 
 def load_sft_data(section: UnslothSpec, training: str, validation: str | None, tokenizer: Any) -> SftData:
@@ -115,9 +130,10 @@ def load_sft_data(section: UnslothSpec, training: str, validation: str | None, t
     if not train.examples:
         raise DataError(f"{training}: no training example has a token to learn within model.max_seq_length {length}")
     warnings = [f"training: {w}" for w in train.warnings] + [f"validation: {w}" for w in val.warnings]
+    packing, seed = section.dataset.packing, section.schedule.seed
     return SftData(
-        as_dataset(train.examples),
-        as_dataset(val.examples) if val.examples else None,
+        as_dataset(train.examples, packing, length, seed),
+        as_dataset(val.examples, packing, length, seed) if val.examples else None,
         train_samples,
         held_out,
         warnings,

@@ -303,9 +303,10 @@ def _describe(section: Any, model: Any, setup: Setup, data: Any, on_gpu: bool) -
         f"{section.training.finetuning_type}: trainable parameters {trainable:,} of {total:,}",
         f"steps: {plan.total_steps} ({plan.steps_per_epoch} per epoch), batch {args.per_device_train_batch_size} × "
         f"accumulation {args.gradient_accumulation_steps}, {len(data.train)} training / "
-        f"{len(data.validation) if data.validation is not None else 0} validation examples"
+        f"{len(data.validation) if data.validation is not None else 0} validation "
+        f"{'packed sequences' if section.dataset.packing else 'examples'}"
         f"{' (held out)' if data.held_out else ''}, optim {getattr(args.optim, 'value', args.optim)}, "
-        f"packing {args.packing}, checkpoints every {args.save_steps} steps",
+        f"packing {section.dataset.packing}, checkpoints every {args.save_steps} steps",
     ]
     if setup.restored:
         lines.append(f"kept the job's {', '.join(setup.restored)} (unsloth's CPU defaults would change it)")

@@ -131,6 +131,10 @@ def make_plan(section: AutomodelSpec, steps_per_epoch: int, checkpoint_every: in
 
 
 def lr_lambda(warmup: int, total: int) -> Callable[[int], float]:
+    """Linear warmup, then cosine decay to MIN_LR_RATIO. Not transformers'
+    `get_cosine_with_min_lr_schedule_with_warmup`: its warmup factor is step / warmup, so the
+    first optimizer step runs at learning rate 0 and changes nothing; here it is (step + 1) / warmup."""
+
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup

@@ -1,4 +1,7 @@
-"""Every default of the seed's tables, per backend (they differ: alpha 32 vs 16, lr 5e-6 vs 2e-4...)."""
+"""Every default of NeMo Customizer's Training Configuration tables, per backend.
+
+They differ between the backends: alpha 32 vs 16, lr 5e-6 vs 2e-4...
+"""
 
 from __future__ import annotations
 
@@ -188,7 +191,7 @@ def _leaf_defaults(schema: dict[str, Any]) -> dict[str, Any]:
     return found
 
 
-REQUIRED = {  # fields the seed gives no default
+REQUIRED = {  # fields NeMo Customizer gives no default
     AutomodelSpec: {"model", "dataset.training", "output.name"},
     UnslothSpec: {"model.name", "dataset.path"},
 }
@@ -196,7 +199,7 @@ REQUIRED = {  # fields the seed gives no default
 
 @pytest.mark.parametrize("spec", [AutomodelSpec, UnslothSpec], ids=["automodel", "unsloth"])
 def test_live_schema_shows_every_field_default(spec: type[AutomodelSpec] | type[UnslothSpec]) -> None:
-    """`kubetune schema <backend>` lists each leaf field's default, as the seed's tables do."""
+    """`kubetune schema <backend>` lists each leaf field's default, as NeMo Customizer's tables do."""
     out = io.StringIO()
     with redirect_stdout(out):
         main(["schema", "automodel" if spec is AutomodelSpec else "unsloth"])

@@ -1,6 +1,7 @@
-"""The GPU memory pre-flight against the seed's "GPU Memory Guidelines" and its own formula.
+"""The GPU memory pre-flight against its own formula and against NeMo Customizer's "GPU Memory
+Guidelines" (its Training Configuration page).
 
-Seed table (NeMo Customizer, estimated GPU requirements by model size):
+NeMo Customizer's table (estimated GPU requirements by model size):
 
 | Model Size | LoRA (1 GPU) | Full FT (min GPUs) |
 | 1B         | 16 GB        | 1 × 24 GB          |
@@ -68,7 +69,7 @@ def estimate_of(section: AutomodelSpec | UnslothSpec, params: float, teacher: fl
     return result
 
 
-# --------------------------------------------------------------------------- the seed's table
+# --------------------------------------------------------------------------- NeMo Customizer's table
 
 SEED_TABLE = [
     # (model size, finetuning_type, GPUs, GiB per GPU, verdict at the table's recommendation)

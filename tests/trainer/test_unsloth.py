@@ -542,6 +542,6 @@ spec:
     result = tmp_path / "run" / "tiny-unsloth-output"
     info = read_result(result)
     assert info["backend"] == "unsloth" and info["save_method"] == "lora"
-    assert "model: LlamaForCausalLM, 4-bit" in done.stderr  # the seed's default: load_in_4bit
+    assert "model: LlamaForCausalLM, 4-bit" in done.stderr  # NeMo Customizer's default: load_in_4bit
     assert "--- sample (greedy) ---" in done.stdout and "after:" in done.stdout
     assert info["metrics"]["train_loss"] < info["metrics"]["first_loss"]

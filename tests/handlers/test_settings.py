@@ -45,6 +45,7 @@ def test_a_variable_sets_its_field(env: dict[str, str], path: str, expected: obj
         ({"KUBETUNE_TRAINER_IMAGE_PULL_POLICY": "Sometimes"}, ["KUBETUNE_TRAINER_IMAGE_PULL_POLICY", "IfNotPresent"]),
         ({"KUBETUNE_TRAINER_PROGRESS_INTERVAL_SECONDS": "0"}, ["KUBETUNE_TRAINER_PROGRESS_INTERVAL_SECONDS"]),
         ({"KUBETUNE_TRAINER_RESOURCES": '{"spare": {}}'}, ["KUBETUNE_TRAINER_RESOURCES", "spare"]),
+        ({"KUBETUNE_TRAINER_RESOURCES": "{not json"}, ["KUBETUNE_TRAINER_RESOURCES='{not json'", "not JSON"]),
         # Every bad variable at once, not the first only.
         ({"KUBETUNE_WORKERS": "x", "KUBETUNE_GPU_MEMORY_GIB": "-1"}, ["KUBETUNE_WORKERS", "KUBETUNE_GPU_MEMORY_GIB"]),
     ],

@@ -288,14 +288,25 @@ def test_operator_pod_is_locked_down() -> None:
     assert pod["serviceAccountName"] == find(template(), "ServiceAccount")["metadata"]["name"]
 
 
-@pytest.mark.parametrize(("port", "probed"), [(8080, True), (9100, True), (0, False)])
-def test_liveness_is_healthz_on_the_metrics_port(port: int, probed: bool) -> None:
+@pytest.mark.parametrize(("port", "probed"), [(8081, True), (9100, True), (0, False)])
+def test_probes_ask_kopfs_healthz_on_the_health_port(port: int, probed: bool) -> None:
+    deployment = find(template({"health": {"port": port}}), "Deployment")
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    assert ("livenessProbe" in container) == probed and ("readinessProbe" in container) == probed
+    if probed:
+        for probe in ("livenessProbe", "readinessProbe"):
+            assert container[probe]["httpGet"] == {"path": "/healthz", "port": "health"}
+        assert {"name": "health", "containerPort": port, "protocol": "TCP"} in container["ports"]
+    assert container_env(deployment)["KUBETUNE_HEALTH_PORT"] == str(port)
+
+
+@pytest.mark.parametrize("port", [8080, 0])
+def test_metrics_port_is_its_own(port: int) -> None:
     deployment = find(template({"metrics": {"port": port}}), "Deployment")
     container = deployment["spec"]["template"]["spec"]["containers"][0]
-    assert ("livenessProbe" in container) == probed
-    if probed:
-        assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
-        assert {"name": "metrics", "containerPort": port, "protocol": "TCP"} in container["ports"]
+    metrics = {"name": "metrics", "containerPort": port, "protocol": "TCP"}
+    assert (metrics in container["ports"]) == bool(port)
+    assert container["livenessProbe"]["httpGet"]["port"] == "health"  # probes do not depend on /metrics
 
 
 @pytest.mark.parametrize(

@@ -8,6 +8,7 @@ field says its unit and why its default is what it is.
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any
 
 from pydantic import BaseModel, Field, ValidationError, field_validator
@@ -37,7 +38,18 @@ class TrainerSettings(TrainerPods, BaseSettings):
     """The trainer pods (`KUBETUNE_TRAINER_*`): image, GPU resource name, restarts,
     progress interval, /dev/shm, CPU/memory (`KUBETUNE_TRAINER_RESOURCES`, JSON)."""
 
-    model_config = _config(PREFIX + "TRAINER_")
+    # JSON is decoded by the validator below, so that bad JSON is named like any bad value.
+    model_config = _config(PREFIX + "TRAINER_") | SettingsConfigDict(enable_decoding=False)
+
+    @field_validator("resources", mode="before")
+    @classmethod
+    def _json(cls, value: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"not JSON ({error.msg})") from None
 
 
 class WatchSettings(BaseSettings):
@@ -138,6 +150,10 @@ class OperatorSettings(BaseModel):
     webhook: WebhookSettings = Field(default_factory=WebhookSettings)
 
 
+def _variable(group: type[BaseSettings], field_name: str) -> str:
+    return str(group.model_config.get("env_prefix", "")) + field_name.upper()
+
+
 def settings_from_env() -> OperatorSettings:
     """All groups from the environment; every bad variable is named in one SettingsError."""
     problems: list[str] = []
@@ -147,11 +163,10 @@ def settings_from_env() -> OperatorSettings:
         try:
             groups[name] = group()
         except ValidationError as error:
-            prefix = str(group.model_config.get("env_prefix", ""))
             for e in error.errors():
-                variable, *inner = (str(part) for part in e["loc"])
+                field_name, *inner = (str(part) for part in e["loc"])
                 where = f" (at {'.'.join(inner)})" if inner else ""
-                problems.append(f"{prefix}{variable.upper()}={e['input']!r}{where}: {e['msg']}")
+                problems.append(f"{_variable(group, field_name)}={e['input']!r}{where}: {e['msg']}")
     if problems:
         raise SettingsError("; ".join(problems))
     return OperatorSettings.model_validate(groups)

@@ -18,7 +18,7 @@ from unittest import mock
 import yaml
 from pydantic_settings import BaseSettings
 
-from kubetune.handlers.settings import OperatorSettings, settings_from_env
+from kubetune.handlers.settings import KubetuneSettings, settings_from_env
 from tests.e2e.controlplane import find_bin_dir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,7 +59,7 @@ def find(objects: list[dict[str, Any]], kind: str, name: str | None = None) -> d
 def settings_env_names() -> set[str]:
     """Every KUBETUNE_* variable the operator's settings read: each group's prefix plus each field."""
     names = set()
-    for field in OperatorSettings.model_fields.values():
+    for field in KubetuneSettings.model_fields.values():
         group = field.annotation
         assert isinstance(group, type) and issubclass(group, BaseSettings)
         prefix = str(group.model_config.get("env_prefix", ""))
@@ -67,7 +67,7 @@ def settings_env_names() -> set[str]:
     return names
 
 
-def settings_for(env: Mapping[str, str]) -> OperatorSettings:
+def settings_for(env: Mapping[str, str]) -> KubetuneSettings:
     """The operator's settings in an environment of exactly these variables."""
     with mock.patch.dict(os.environ, env, clear=True):
         return settings_from_env()

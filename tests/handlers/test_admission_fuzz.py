@@ -27,7 +27,7 @@ from kopf._core.reactor.inventory import ResourceMemories
 from kubetune.handlers.kube import Kube
 from kubetune.handlers.operator import register
 from kubetune.handlers.reconcile import Operator
-from kubetune.handlers.settings import OperatorSettings, WebhookSettings
+from kubetune.handlers.settings import KubetuneSettings, WebhookSettings
 
 from ..manifests_fuzz import EXAMPLE_JOBS, EXAMPLE_OBJECTS, FUZZ_SETTINGS, mutated
 
@@ -62,7 +62,7 @@ class Webhook:
     """kopf's admission entry point with the operator's handlers registered."""
 
     def __init__(self) -> None:
-        self.config = OperatorSettings(webhook=WebhookSettings(enabled=True))
+        self.config = KubetuneSettings(webhook=WebhookSettings(enabled=True))
         self.registry = kopf.OperatorRegistry()
         register(self.registry, self.config)
         self.loop = asyncio.new_event_loop()

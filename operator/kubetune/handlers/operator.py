@@ -39,7 +39,7 @@ from kubetune.handlers.reconcile import (
     nudge_waiting_jobs,
     validate_with_references,
 )
-from kubetune.handlers.settings import OperatorSettings, settings_from_env
+from kubetune.handlers.settings import KubetuneSettings, settings_from_env
 from kubetune.planning.references import ObjectKey, cluster_source_problem
 from kubetune.planning.rules import IMMUTABLE_MESSAGE, backend_changed
 from kubetune.planning.validation import validate_fileset, validate_model
@@ -104,7 +104,7 @@ def _op(memo: Any) -> Operator:
     return op
 
 
-def register(registry: kopf.OperatorRegistry, config: OperatorSettings) -> None:
+def register(registry: kopf.OperatorRegistry, config: KubetuneSettings) -> None:
     """Register every handler on `registry` (a function, so tests and `kubetune operator` share it)."""
 
     def reconcile_job(body: kopf.Body, memo: kopf.Memo, patch: kopf.Patch, **_: Any) -> None:
@@ -270,7 +270,7 @@ def _limit_malloc_arenas(arenas: int = 2) -> None:
     libc.mallopt(m_arena_max, arenas)
 
 
-def run(settings: OperatorSettings | None = None) -> None:
+def run(settings: KubetuneSettings | None = None) -> None:
     """Run the operator until interrupted (`kubetune operator`)."""
     _limit_malloc_arenas()
     settings = settings or settings_from_env()

@@ -30,7 +30,7 @@ from kubetune.api.resources import (
 from kubetune.handlers.events import announce_phase
 from kubetune.handlers.kube import Kube
 from kubetune.handlers.metrics import LAUNCH_LATENCY, PHASES, VALIDATION_FAILURES
-from kubetune.handlers.settings import ClusterSettings, OperatorSettings
+from kubetune.handlers.settings import ClusterSettings, KubetuneSettings
 from kubetune.handlers.waiting import WaitingJobs
 from kubetune.planning.memory.estimate import estimate_from_resolved
 from kubetune.planning.memory.verdict import check_memory, memory_report
@@ -48,7 +48,7 @@ PLURALS = {"Model": "models", "FileSet": "filesets"}
 @dataclass(frozen=True)
 class Operator:
     kube: Kube
-    settings: OperatorSettings
+    settings: KubetuneSettings
     waiting: WaitingJobs = field(default_factory=WaitingJobs)
 
 

@@ -138,8 +138,9 @@ class WebhookSettings(BaseSettings):
     """CA that signed the serving certificate; written into the ValidatingWebhookConfiguration."""
 
 
-class OperatorSettings(BaseModel):
-    """Every group; each reads its variables when it is built (tests may pass groups)."""
+class KubetuneSettings(BaseModel):
+    """Every group; each reads its variables when it is built (tests may pass groups). Not
+    kopf's `OperatorSettings`, which the startup handler tunes from these (handlers/operator.py)."""
 
     model_config = {"frozen": True}
 
@@ -154,11 +155,11 @@ def _variable(group: type[BaseSettings], field_name: str) -> str:
     return str(group.model_config.get("env_prefix", "")) + field_name.upper()
 
 
-def settings_from_env() -> OperatorSettings:
+def settings_from_env() -> KubetuneSettings:
     """All groups from the environment; every bad variable is named in one SettingsError."""
     problems: list[str] = []
     groups: dict[str, BaseSettings] = {}
-    for name, field in OperatorSettings.model_fields.items():
+    for name, field in KubetuneSettings.model_fields.items():
         group: type[BaseSettings] = field.annotation  # type: ignore[assignment]
         try:
             groups[name] = group()
@@ -169,4 +170,4 @@ def settings_from_env() -> OperatorSettings:
                 problems.append(f"{_variable(group, field_name)}={e['input']!r}{where}: {e['msg']}")
     if problems:
         raise SettingsError("; ".join(problems))
-    return OperatorSettings.model_validate(groups)
+    return KubetuneSettings.model_validate(groups)

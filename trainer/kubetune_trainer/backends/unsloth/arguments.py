@@ -5,7 +5,7 @@ is readable in one place and testable without loading a model. `docs/trainer-uns
 has the same mapping as a table.
 
 CPU notes (unsloth 2026.10's CPU fallback, `unsloth_zoo.cpu`): it rewrites some
-TrainingArguments in `__post_init__` (8-bit/paged optimizers -> fused AdamW, packing off,
+TrainingArguments in `__post_init__` (8-bit/paged optimizers -> fused AdamW, padding-free and packing off,
 fp16 -> bf16). kubetune does not accept silent rewrites of the job: `restore_job_arguments`
 puts back what bitsandbytes / transformers really run on CPU, and `cpu_refusal` turns
 what cannot run on CPU into a clear error (see the functions).
